@@ -1,0 +1,220 @@
+"""`medtune` command line: parses arguments, calls one function, maps user errors to one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from medtune.errors import MedtuneError
+
+log = logging.getLogger("medtune")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        for noisy in ("peft", "bitsandbytes", "datasets", "httpx", "accelerate"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        import warnings
+
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+# ---- commands ------------------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from medtune.recipe import load_recipe
+    from medtune.train.loop import run_training
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = run_training(recipe)
+    m = result.metrics
+    print(f"\nrun: {result.run_dir}")
+    print(f"trained {int(m['steps'])} steps in {m['train_seconds']:.0f} s ({m['tokens_per_s']:.0f} tokens/s), "
+          f"final train loss {m['train_loss']:.4f}")
+    if "base_eval_ppl" in m and "eval_ppl" in m:
+        print(f"held-out perplexity: base {m['base_eval_ppl']:.2f} -> tuned {m['eval_ppl']:.2f}")
+    _print_side_by_side(result.samples)
+    print(f"\nnext: medtune chat {result.run_dir}    |    model card: {result.run_dir / 'README.md'}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from medtune.data.prepare import prepare_data
+    from medtune.models import load_tokenizer, resolve_model
+    from medtune.recipe import load_recipe
+    from medtune.tokenizer import prepare_tokenizer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    model_dir = resolve_model(recipe.model)
+    tok = load_tokenizer(model_dir, recipe.trust_remote_code)
+    chat = prepare_tokenizer(tok, recipe.tokenizer)
+    data = prepare_data(recipe, tok, chat)
+    print(f"model: {recipe.model} (template {chat.template}, stops on {', '.join(chat.stop_tokens)}, "
+          f"pad {chat.pad_token})")
+    print("\n".join(data.report.lines()))
+    return 0
+
+
+def _load(args):
+    from medtune.generate import load_for_inference
+
+    return load_for_inference(args.model, device=args.device, template=args.template)
+
+
+def cmd_generate(args) -> int:
+    from medtune.generate import generate, user_turn
+
+    loaded = _load(args)
+    stream = None if args.no_stream else (lambda t: print(t, end="", flush=True))
+    text = generate(loaded, user_turn(args.prompt, args.system), max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, on_text=stream)
+    print(text if args.no_stream else "")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from medtune.generate import generate
+
+    loaded = _load(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("medtune chat: not medical advice. /reset clears the conversation, /exit quits.", flush=True)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            print("(conversation cleared)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        print("model> ", end="", flush=True)
+        answer = generate(loaded, history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, on_text=lambda t: print(t, end="", flush=True))
+        print()
+        history.append({"role": "assistant", "content": answer})
+
+
+def cmd_compare(args) -> int:
+    from medtune.generate import generate, is_run_dir, user_turn
+
+    if not is_run_dir(args.model):
+        raise MedtuneError("compare needs a run directory (base + adapter)", file=args.model)
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise MedtuneError("prompts file not found", file=str(path))
+        prompts += [p.strip() for p in path.read_text(encoding="utf-8").splitlines() if p.strip()]
+    if not prompts:
+        raise MedtuneError("give --prompt TEXT (repeatable) or --prompts-file FILE", field="--prompt")
+    loaded = _load(args)
+    samples = []
+    for prompt in prompts:
+        msgs = user_turn(prompt, args.system)
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        samples.append({"prompt": prompt, "base": generate(loaded, msgs, use_adapter=False, **kw),
+                        "tuned": generate(loaded, msgs, **kw)})
+    _print_side_by_side(samples)
+    return 0
+
+
+def _print_side_by_side(samples: list[dict], width: int = 60) -> None:
+    for s in samples:
+        print(f"\n### {s['prompt']}")
+        left = textwrap.wrap(s["base"], width) or [""]
+        right = textwrap.wrap(s["tuned"], width) or [""]
+        print(f"{'BASE':<{width}} | TUNED")
+        print(f"{'-' * width}-+-{'-' * width}")
+        for i in range(max(len(left), len(right))):
+            a = left[i] if i < len(left) else ""
+            b = right[i] if i < len(right) else ""
+            print(f"{a:<{width}} | {b}")
+
+
+# ---- parser --------------------------------------------------------------------------------------------------
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe keys, e.g. lora.r=16 train.max_steps=50")
+
+
+def _talk_args(p: argparse.ArgumentParser, single_prompt: bool = False) -> None:
+    p.add_argument("model", help="model name (smollm2-135m-instruct), model folder, hub id, or run directory")
+    if single_prompt:
+        p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more varied answers")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--template", default="auto", help="chat template for a plain model: auto, chatml, llama2")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medtune.recipe import recipe_help
+
+    parser = argparse.ArgumentParser(prog="medtune", description="Fine-tune LLaMA-family models on medical data "
+                                     "with LoRA/QLoRA, then evaluate, chat with and ship them. Not medical advice.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a model from a recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fine-tune from a recipe. Recipe keys (override any with key=value):\n\n" + recipe_help())
+    _recipe_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="inspect training data without training")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data_sub.add_parser("check", help="rows read/kept/dropped by reason, token lengths, the first rendered example")
+    _recipe_args(q)
+    q.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("generate", help="answer one prompt (streams to the terminal)")
+    _talk_args(p, single_prompt=True)
+    p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (/reset, /exit)")
+    _talk_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("compare", help="base and tuned answers side by side for a run")
+    _talk_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args) or 0
+    except MedtuneError as e:
+        print(f"medtune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmedtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

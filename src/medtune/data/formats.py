@@ -1,0 +1,150 @@
+"""Rows → examples: either a chat (list of {role, content}) or, for format=text, one pre-formatted string.
+
+Each format reads canonical fields, which `data.columns` can map to the file's own column names:
+  text         text
+  messages     messages (OpenAI {role, content}; ShareGPT `conversations` with {from, value} also accepted)
+  instruction  instruction, input (optional), output
+  qa           question, answer
+  template     any columns, through data.prompt_template / data.response_template (Jinja)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateError, UndefinedError
+from jinja2.sandbox import SandboxedEnvironment
+
+from medtune.data.readers import Row
+from medtune.errors import MedtuneError
+from medtune.recipe import DataConfig
+
+ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
+                "chatgpt": "assistant", "model": "assistant", "system": "system"}
+
+
+@dataclass
+class Example:
+    source: str
+    row: int
+    messages: list[dict[str, str]] | None = None  # chat formats
+    text: str | None = None  # format=text
+
+
+class RowError(MedtuneError):
+    pass
+
+
+def _bad(row: Row, field: str, message: str, kind: str) -> RowError:
+    return RowError(message, file=row.source, row=row.number, field=field, kind=kind)
+
+
+def _column(row: Row, cfg: DataConfig, name: str, required: bool = True) -> Any:
+    col = cfg.columns.get(name, name)
+    if col not in row.data:
+        if not required:
+            return None
+        raise _bad(row, col, f"missing column (row has: {', '.join(map(str, row.data)) or 'nothing'})", "missing column")
+    return row.data[col]
+
+
+def _text(row: Row, cfg: DataConfig, name: str, required: bool = True) -> str:
+    value = _column(row, cfg, name, required)
+    col = cfg.columns.get(name, name)
+    if value is None:
+        if required:
+            raise _bad(row, col, "empty value", "empty")
+        return ""
+    if not isinstance(value, str):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = str(value)
+        else:
+            raise _bad(row, col, f"expected text, got {type(value).__name__}", "wrong type")
+    if required and not value.strip():
+        raise _bad(row, col, "empty text", "empty")
+    return value
+
+
+def _messages(row: Row, cfg: DataConfig) -> list[dict[str, str]]:
+    name = cfg.columns.get("messages", "messages")
+    if name not in row.data and "messages" not in cfg.columns and "conversations" in row.data:
+        name = "conversations"  # ShareGPT
+    if name not in row.data:
+        raise _bad(row, name, f"missing column (row has: {', '.join(map(str, row.data))})", "missing column")
+    turns = row.data[name]
+    if isinstance(turns, str):  # CSV cells hold JSON text
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            raise _bad(row, name, "expected a list of chat turns (JSON text in this cell is malformed)", "malformed") from None
+    if not isinstance(turns, list) or not turns:
+        raise _bad(row, name, "expected a non-empty list of chat turns", "empty")
+    out = []
+    for i, turn in enumerate(turns):
+        where = f"{name}[{i}]"
+        if not isinstance(turn, dict):
+            raise _bad(row, where, "each turn must be an object with role and content", "malformed")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+            raise _bad(row, f"{where}.role", f"unknown role {role!r} (use system, user or assistant)", "unknown role")
+        if not isinstance(content, str) or not content.strip():
+            raise _bad(row, f"{where}.content", "empty content", "empty")
+        out.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+    check_turn_order(out, row, name)
+    return out
+
+
+def check_turn_order(messages: list[dict[str, str]], row: Row, field: str) -> None:
+    """system? then user, assistant, user, assistant, …, ending with the assistant (there must be something to learn)."""
+    start = 1 if messages[0]["role"] == "system" else 0
+    for i, m in enumerate(messages[start:], start=start):
+        expected = "user" if (i - start) % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise _bad(row, f"{field}[{i}].role", f"turns out of order: expected {expected}, got {m['role']}", "turn order")
+    if messages[-1]["role"] != "assistant":
+        raise _bad(row, f"{field}[{len(messages) - 1}].role", "the last turn must be the assistant's answer", "turn order")
+
+
+_jinja = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
+
+
+def _render(template: str, row: Row, field: str) -> str:
+    values = {k: ("" if v is None else v) for k, v in row.data.items()}
+    try:
+        out = _jinja.from_string(template).render(row=values, **{k: v for k, v in values.items() if str(k).isidentifier()})
+    except UndefinedError as e:
+        raise _bad(row, field, f"template uses a column this row lacks: {e.message}", "missing column") from None
+    except TemplateError as e:
+        raise MedtuneError(f"template does not parse: {e}", field=field) from None
+    if not out.strip():
+        raise _bad(row, field, "template renders to empty text for this row", "empty")
+    return out.strip()
+
+
+def to_example(row: Row, cfg: DataConfig, system_prompt: str | None = None) -> Example:
+    fmt = cfg.format
+    if fmt == "text":
+        return Example(row.source, row.number, text=_text(row, cfg, "text"))
+    if fmt == "messages":
+        messages = _messages(row, cfg)
+    elif fmt == "instruction":
+        instruction, extra = _text(row, cfg, "instruction"), _text(row, cfg, "input", required=False).strip()
+        prompt = f"{instruction.strip()}\n\n{extra}" if extra else instruction.strip()
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, cfg, "output").strip()}]
+    elif fmt == "qa":
+        messages = [{"role": "user", "content": _text(row, cfg, "question").strip()},
+                    {"role": "assistant", "content": _text(row, cfg, "answer").strip()}]
+    elif fmt == "template":
+        if not cfg.prompt_template or not cfg.response_template:
+            raise MedtuneError("format=template needs data.prompt_template and data.response_template",
+                               field="data.prompt_template")
+        messages = [{"role": "user", "content": _render(cfg.prompt_template, row, "data.prompt_template")},
+                    {"role": "assistant", "content": _render(cfg.response_template, row, "data.response_template")}]
+    else:  # pydantic already restricts data.format; kept for direct callers
+        raise MedtuneError(f"unknown data format '{fmt}'", field="data.format")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return Example(row.source, row.number, messages=messages)

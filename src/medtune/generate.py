@@ -1,0 +1,127 @@
+"""Talking to a model: a base model name/folder, or a run directory (its base + its adapter).
+
+A run directory carries its tokenizer (with the chat template used in training) and a generation config
+whose eos ids are the template's end-of-turn tokens, so a tuned model stops where it learned to stop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medtune.errors import MedtuneError
+from medtune.models import bf16_supported, load_base_model, load_tokenizer, pick_device, resolve_model
+from medtune.recipe import QuantConfig, TokenizerConfig
+from medtune.tokenizer import prepare_tokenizer
+
+RUN_META = "medtune.json"
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tok: object
+    stop_token_ids: list[int]
+    pad_token_id: int
+    name: str
+    has_adapter: bool
+    max_length: int
+    autocast: torch.dtype | None
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / RUN_META).is_file()
+
+
+def read_run_meta(run: str | Path) -> dict:
+    return json.loads((Path(run) / RUN_META).read_text(encoding="utf-8"))
+
+
+def load_for_inference(model_or_run: str, *, device: str = "auto", precision: str = "auto",
+                       template: str = "auto", max_length: int = 2048) -> Loaded:
+    dev = pick_device(device)
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    if is_run_dir(model_or_run):
+        from peft import PeftModel
+
+        meta = read_run_meta(model_or_run)
+        tok = load_tokenizer(model_or_run)
+        quant = QuantConfig(**meta.get("quant", {}))
+        base = load_base_model(meta["base_model_path"], dtype=dtype, device=dev, quant=quant,
+                               trust_remote_code=meta.get("trust_remote_code", False))
+        if len(tok) > base.get_input_embeddings().num_embeddings:
+            base.resize_token_embeddings(len(tok))
+        model = PeftModel.from_pretrained(base, model_or_run)
+        stops, pad = meta["stop_token_ids"], meta["pad_token_id"]
+        max_length = meta.get("max_length", max_length)
+        name, has_adapter = str(model_or_run), True
+    else:
+        path = resolve_model(model_or_run)
+        tok = load_tokenizer(path)
+        chat = prepare_tokenizer(tok, TokenizerConfig(template=template))
+        model = load_base_model(path, dtype=dtype, device=dev)
+        if chat.added_tokens:
+            model.resize_token_embeddings(len(tok))
+        stops, pad = chat.stop_token_ids, chat.pad_token_id
+        name, has_adapter = model_or_run, False
+    model.eval()
+    return Loaded(model, tok, stops, pad, name, has_adapter, max_length, torch.bfloat16 if use_bf16 else None)
+
+
+def prompt_ids(tok, messages: list[dict[str, str]], max_length: int) -> torch.Tensor:
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    if len(ids) >= max_length:
+        raise MedtuneError(f"prompt is {len(ids)} tokens, longer than max_length={max_length}", field="prompt")
+    return torch.tensor([ids])
+
+
+class _CallbackStreamer:
+    """Decodes new tokens as they come and hands the new text to a callback (word-safe: holds back partial UTF-8)."""
+
+    def __init__(self, tok, on_text: Callable[[str], None]):
+        self.tok, self.on_text, self.ids, self.sent, self.skip_prompt = tok, on_text, [], 0, True
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_prompt:  # generate() first hands over the prompt
+            self.skip_prompt = False
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.on_text(text[self.sent:])
+        self.sent = len(text)
+
+    def end(self) -> None:
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent:
+            self.on_text(text[self.sent:])
+
+
+@torch.inference_mode()
+def generate(loaded: Loaded, messages: list[dict[str, str]], *, max_new_tokens: int = 256, temperature: float = 0.0,
+             top_p: float = 1.0, use_adapter: bool = True, on_text: Callable[[str], None] | None = None) -> str:
+    """One answer to a conversation; greedy when temperature is 0. Streams text pieces to `on_text`."""
+    ids = prompt_ids(loaded.tok, messages, loaded.max_length)
+    device = next(loaded.model.parameters()).device
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.stop_token_ids, pad_token_id=loaded.pad_token_id,
+                  do_sample=temperature > 0)
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    adapter_off = loaded.model.disable_adapter() if (loaded.has_adapter and not use_adapter) else nullcontext()
+    autocast = (torch.autocast(device.type, dtype=loaded.autocast) if loaded.autocast is not None else nullcontext())
+    streamer = _CallbackStreamer(loaded.tok, on_text) if on_text else None
+    with adapter_off, autocast:
+        out = loaded.model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                                    streamer=streamer, **kwargs)
+    return loaded.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def user_turn(prompt: str, system: str | None = None) -> list[dict[str, str]]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

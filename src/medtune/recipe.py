@@ -1,0 +1,230 @@
+"""Recipes are data: a typed, validated description of one fine-tuning job.
+
+A recipe is a YAML file plus `key=value` overrides from the command line (`lora.r=16`). Every field's
+description below is also its help text (`medtune train --help` prints them). Unknown keys and wrong
+types are user errors (exit 2) that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medtune.errors import MedtuneError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    path: str = Field("demo:terms", description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, "
+                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa).")
+    format: Literal["text", "messages", "instruction", "qa", "template"] = Field(
+        "template", description="How rows become conversations: text (pre-formatted strings), messages (chat turns), "
+        "instruction (instruction/input/output), qa (question/answer), template (prompt and response built from columns).")
+    columns: dict[str, str] = Field(default_factory=dict, description="Map medtune's field names to your column names, "
+                                    "e.g. {question: Question, answer: Answer}.")
+    prompt_template: str | None = Field(None, description="format=template: Jinja text of the user prompt; columns are "
+                                        "variables, or row['Column Name'] for names with spaces.")
+    response_template: str | None = Field(None, description="format=template: Jinja text of the answer to learn.")
+    split: str = Field("train", description="Split to read from a hub dataset or a DatasetDict folder.")
+    eval_path: str | None = Field(None, description="Held-out data file (same format); overrides eval_ratio.")
+    eval_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation when eval_path is "
+                              "not given (seeded shuffle). 0 = no eval split.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows (quick trials).")
+    max_length: int = Field(512, gt=8, description="Longest tokenized example. Higher = more memory per step.")
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="Examples longer than max_length: truncate the answer, drop the row, or stop with an error. "
+        "A prompt that alone exceeds max_length is always an error unless this is 'drop'.")
+    on_bad_row: Literal["error", "drop"] = Field(
+        "error", description="A row that is empty or malformed: stop with an error naming it, or drop it (counted in the report).")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt/system tokens (default: answers only).")
+    add_eos: bool = Field(True, description="format=text: append the end-of-sequence token when a text lacks it, so the model learns to stop.")
+
+
+class TokenizerConfig(Section):
+    template: str = Field("auto", description="Chat template: auto (the tokenizer's own, else chatml if the tokenizer "
+                          "has <|im_start|>, else llama2), chatml, llama2, or a path to a .jinja file.")
+    system_prompt: str | None = Field(None, description="System message put before every conversation that has none.")
+    pad_token: str = Field("auto", description="auto picks a pad token that is not end-of-turn; 'eos' copies the "
+                           "seed notebooks (risky: tools that mask padding by id stop learning to end answers).")
+    padding_side: Literal["right", "left"] = Field("right", description="Where padding goes in training batches.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0, description="LoRA rank. Higher = more trainable parameters and memory, more capacity.")
+    alpha: float = Field(32, gt=0, description="LoRA scale numerator; the update is scaled by alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input. Higher = more regularisation.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Layers that get adapters: names like q_proj, or all-linear. More = slower, more capacity.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA). Slower per step.")
+
+
+class QuantConfig(Section):
+    load_in_4bit: bool = Field(False, description="QLoRA: keep frozen base weights in 4 bits (bitsandbytes). Less memory, slower on CPU.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 suits normally distributed weights.")
+    double_quant: bool = Field(True, description="Also quantise the quantisation constants (saves ~0.4 bit/parameter).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype of 4-bit matmuls; auto = bfloat16 where supported, else float32.")
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Optimizer steps to run; -1 = derive from epochs.")
+    batch_size: int = Field(4, gt=0, description="Examples per micro-batch (packed rows with packing). Higher = more memory.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step. Effective batch = batch_size x grad_accum.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "adamw_fused", "sgd"] = Field("adamw", description="Optimizer for the LoRA parameters.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="How the learning rate moves from its peak to the end of training.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up (wins over warmup_ratio when > 0).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps used for warm-up.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 = no clipping.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    packing: bool = Field(False, description="Pack several examples into each row without padding (position ids restart "
+                          "per example, no attention across them). Faster on short examples.")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together: less padding.")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 where the hardware has fast bf16 "
+                                                        "(AMX/AVX512-BF16 CPUs, Ampere+ GPUs), else fp32. LoRA weights, "
+                                                        "optimizer state and loss stay fp32.")
+    eval_steps: int = Field(0, ge=0, description="Evaluate (loss, perplexity) every N steps; 0 = only before and after training.")
+    eval_before: bool = Field(True, description="Measure held-out loss/perplexity of the base model before training.")
+    logging_steps: int = Field(10, gt=0, description="Log loss, lr, grad norm and tokens/s every N steps.")
+    save_steps: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps; 0 = only on interrupt and at the end.")
+    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto = cuda when available.")
+
+
+class SamplesConfig(Section):
+    prompts: list[str] = Field(default_factory=list, description="Prompts answered by the base and the tuned model at the end "
+                               "of training (printed, and written to the model card).")
+    max_new_tokens: int = Field(128, gt=0, description="Length limit of each sample answer.")
+
+
+class Recipe(Section):
+    """A fine-tuning job: which model, which data, how to adapt it, and what to report."""
+
+    name: str | None = Field(None, description="Run name; default: the recipe file name.")
+    model: str = Field(DEFAULT_MODEL, description="Base model: smollm2-135m-instruct (offline default), a local folder, or a hub id.")
+    output_dir: str | None = Field(None, description="Run directory; default runs/<name>.")
+    resume: bool = Field(False, description="Continue from the last checkpoint in output_dir.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers besides metrics.jsonl and PNG plots.")
+    wandb_project: str = Field("medtune", description="W&B project (offline mode works without an account).")
+    trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model. Off unless you trust it.")
+    attn_implementation: str = Field("sdpa", description="Attention kernel: sdpa, eager, or flash_attention_2 (CUDA).")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Chat template, system prompt, padding.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quant: QuantConfig = Field(default_factory=QuantConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
+
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name or 'run'}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise MedtuneError(f"cannot set '{key}': '{part}' is not a section", file=source)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str], source: str = "command line") -> dict:
+    """`a.b=value` strings → nested dict; values are parsed as YAML scalars/lists (`true`, `16`, `[q_proj, v_proj]`)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise MedtuneError(f"override '{item}' is not key=value", file=source)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value, source)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _explain(err: ValidationError, source: str) -> MedtuneError:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return MedtuneError(f"unknown recipe key '{key}' (see `medtune train --help` for the keys)", file=source, field=key)
+    got = first.get("input")
+    return MedtuneError(f"{first['msg']} (got {got!r})", file=source, field=key)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (or start from defaults when path is None), apply overrides, validate."""
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise MedtuneError("recipe file not found", file=source)
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise MedtuneError(f"not valid YAML: {str(e).splitlines()[0]}", file=source) from None
+        if not isinstance(tree, dict):
+            raise MedtuneError("a recipe is a mapping of keys to values", file=source)
+        tree.setdefault("name", path.stem)
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides, source=f"{source} (command line)"))
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise _explain(e, source) from None
+
+
+def recipe_help() -> str:
+    """Every recipe key with its type, default and description: the help text of `medtune train`."""
+    lines = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = name
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{key}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"  {prefix}{key} = {default!r}\n      {field.description or ''}")
+
+    walk(Recipe, "")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Shared fixtures: a tiny LLaMA (model + byte-level BPE tokenizer) built on the spot, and an offline environment.
+
+The tiny tokenizer is trained on the text of src/medtune/demo_data (or, while those files are missing, on a few
+hundred built-in sentences). Its special tokens are, by id: 0 <unk>, 1 <s>, 2 </s>, 3 <|im_start|>,
+4 <|im_end|>, 5 <|endoftext|>. Like LLaMA tokenizers it prepends <s> when `add_special_tokens=True`. It saves
+no chat template, so medtune's `tokenizer.template: auto` picks chatml (the vocabulary has <|im_start|>).
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports huggingface_hub / transformers (they read some of these at import time).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+if not os.environ.get("MEDTUNE_HOME"):  # real-model tests reuse the user's cache when it is set
+    _HOME = tempfile.mkdtemp(prefix="medtune-home-")
+    os.environ["MEDTUNE_HOME"] = _HOME
+    atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "src" / "medtune" / "demo_data"
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+
+_CONDITIONS = ["fever", "cough", "hypertension", "diabetes", "asthma", "migraine", "anemia", "influenza",
+               "pneumonia", "arthritis", "eczema", "insomnia", "gastritis", "bronchitis", "sinusitis", "dehydration",
+               "a sore throat", "back pain", "an ear infection", "a urinary tract infection", "heartburn",
+               "constipation", "a sprained ankle", "chickenpox", "measles", "a common cold", "acne", "gout",
+               "high cholesterol", "a kidney stone", "tonsillitis", "conjunctivitis", "shingles", "a nosebleed",
+               "a headache", "nausea", "dizziness", "an allergy", "a rash", "a burn"]
+_SENTENCES = ["What is {c}?", "What are the symptoms of {c}?", "How is {c} treated?",
+              "The patient reports {c} for three days and has no other complaints.",
+              "Rest, drink plenty of water and see a doctor if {c} gets worse.",
+              "Doctor, I think I have {c}. Should I worry?",
+              "Most people with {c} recover in a week or two; ask a clinician about medicines."]
+
+
+def builtin_corpus() -> list[str]:
+    """A few hundred medical-ish sentences, used when the demo data is not there."""
+    return [s.format(c=c) for c in _CONDITIONS for s in _SENTENCES]
+
+
+def _strings(obj) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def demo_corpus() -> list[str]:
+    """Every string in demo_data/*.jsonl and *.csv, or [] when they are missing or unreadable."""
+    texts: list[str] = []
+    try:
+        for path in sorted(DEMO_DATA.glob("*.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    texts.extend(_strings(json.loads(line)))
+        for path in sorted(DEMO_DATA.glob("*.csv")):
+            with path.open(encoding="utf-8-sig", newline="") as f:
+                texts.extend(cell for row in csv.reader(f) for cell in row if cell.strip())
+    except (OSError, ValueError):  # another engineer may be writing these files right now
+        return []
+    return texts
+
+
+def build_bpe_tokenizer(texts: list[str], special_tokens: list[str] = SPECIAL_TOKENS, vocab_size: int = 600):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`; special tokens get ids 0.. in order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    # transformers 5 calls them extra_special_tokens (additional_special_tokens is its deprecated alias).
+    extra = [t for t in special_tokens if t not in ("<unk>", "<s>", "</s>")]
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  extra_special_tokens=extra)
+    assert [tok.convert_tokens_to_ids(t) for t in special_tokens] == list(range(len(special_tokens)))
+    assert tok.chat_template is None
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder holding only the tiny tokenizer (tokenizer.json + tokenizer_config.json)."""
+    texts = demo_corpus() or builtin_corpus()
+    tok = build_bpe_tokenizer(texts)
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A LLaMA model folder (safetensors + tokenizer), ~0.1M parameters, random weights seeded with 0."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_tokenizer_dir):
+    """A fresh copy per test: medtune's prepare_tokenizer mutates the tokenizer it is given."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture
+def write_file(tmp_path) -> Callable[[str, str | bytes], Path]:
+    """write_file("a/b.jsonl", text_or_bytes) -> the written path under tmp_path (str is written as UTF-8)."""
+
+    def write(name: str, content: str | bytes) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+        return path
+
+    return write

@@ -1,0 +1,207 @@
+"""RunDir against the real trackers (TensorBoard, W&B offline, MLflow on SQLite), plots and the model card."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medtune.recipe import Recipe
+from medtune.train.rundir import NOT_MEDICAL_ADVICE, CardInfo, RunDir
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_metrics(step: int, *, grad_norm: bool = True) -> dict[str, float]:
+    """Plausible numbers for step 1..20: decaying loss, warm-up then linear decay, a shrinking gradient norm."""
+    metrics = {"loss": 0.8 + 2.0 * math.exp(-step / 6), "learning_rate": 2e-4 * min(step / 4, (21 - step) / 17),
+               "tokens_per_s": 900.0 + step}
+    if grad_norm:
+        metrics["grad_norm"] = 3.0 / math.sqrt(step)
+    if step % 10 == 0:
+        metrics["eval_loss"] = 1.0 + 1.5 * math.exp(-step / 8)
+    return metrics
+
+
+def log_steps(run: RunDir, steps: range, **kwargs) -> None:
+    for step in steps:
+        run.log(fake_metrics(step, **kwargs), step=step)
+
+
+def test_all_trackers_receive_the_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+    path = tmp_path / "run"
+    run = RunDir(path, run_name="demo", config=Recipe().to_dict(), report_to=["tensorboard", "wandb", "mlflow"])
+    log_steps(run, range(1, 21))
+    run.close()
+    run.close()
+
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert len((path / "metrics.jsonl").read_text().splitlines()) == 20
+    losses = [fake_metrics(s)["loss"] for s in range(1, 21)]
+    assert [r["loss"] for r in rows] == losses
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(path / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss")
+    assert [e.step for e in scalars] == list(range(1, 21))
+    assert [e.value for e in scalars] == pytest.approx(losses, rel=1e-6)
+
+    assert list((path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+    from mlflow.tracking import MlflowClient
+
+    assert (path / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{path.resolve() / 'mlflow.db'}")
+    [mlflow_run] = client.search_runs([client.get_experiment_by_name("medtune").experiment_id])
+    assert mlflow_run.info.run_name == "demo" and mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.params["lora.r"] == "16"
+    history = client.get_metric_history(mlflow_run.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, 21))
+    assert [m.value for m in history] == pytest.approx(losses)
+
+
+def test_plots_draw_what_was_logged(tmp_path):
+    run = RunDir(tmp_path / "full", run_name="full", config={}, report_to=[])
+    log_steps(run, range(1, 21))
+    paths = run.plots()
+    assert [p.name for p in paths] == ["loss.png", "learning_rate.png", "grad_norm.png"]
+    for p in paths:
+        data = p.read_bytes()
+        assert p.parent == tmp_path / "full" / "plots"
+        assert data.startswith(PNG_MAGIC) and len(data) > 5_000
+
+    run = RunDir(tmp_path / "no_grad", run_name="no_grad", config={}, report_to=[])
+    log_steps(run, range(1, 21), grad_norm=False)
+    assert [p.name for p in run.plots()] == ["loss.png", "learning_rate.png"]
+    assert not (tmp_path / "no_grad" / "plots" / "grad_norm.png").exists()
+    run.close()
+
+
+def test_resume_appends_and_a_fresh_start_truncates(tmp_path):
+    first = RunDir(tmp_path, run_name="r", config={}, report_to=[])
+    log_steps(first, range(1, 11))
+    first.close()
+
+    resumed = RunDir(tmp_path, run_name="r", config={}, report_to=[], resume=True)
+    log_steps(resumed, range(11, 21))
+    resumed.close()
+    assert [r["step"] for r in resumed.read_metrics()] == list(range(1, 21))
+
+    fresh = RunDir(tmp_path, run_name="r", config={}, report_to=[])
+    fresh.log({"loss": 1.0}, step=1)
+    fresh.close()
+    assert fresh.read_metrics() == [{"step": 1, "loss": 1.0}]
+
+
+def test_a_tracker_that_fails_to_start_warns_once_and_is_skipped(tmp_path, monkeypatch, caplog):
+    import mlflow
+
+    def refuse(uri):
+        raise RuntimeError("database is locked\nsecond line of detail")
+
+    monkeypatch.setattr(mlflow, "set_tracking_uri", refuse)
+    with caplog.at_level(logging.WARNING, logger="medtune"):
+        run = RunDir(tmp_path, run_name="r", config={"lora": {"r": 16}}, report_to=["mlflow"])
+        log_steps(run, range(1, 6))
+        run.close()
+        run.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "mlflow tracker not started: RuntimeError: database is locked"]
+    assert len(run.read_metrics()) == 5
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_tracker_that_fails_while_logging_is_dropped(tmp_path, monkeypatch, caplog):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def broken(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", broken)
+    with caplog.at_level(logging.WARNING, logger="medtune"):
+        run = RunDir(tmp_path, run_name="r", config={}, report_to=["tensorboard"])
+        log_steps(run, range(1, 6))
+        run.close()
+    assert [r.getMessage() for r in caplog.records] == ["tensorboard tracker stopped: OSError: disk full"]
+    assert len(run.read_metrics()) == 5
+
+
+def card_info(tmp_path: Path, **changes) -> CardInfo:
+    info = dict(
+        base_model="smollm2-135m-instruct",
+        base_model_path=str(tmp_path / "cache" / "smollm2-135m-instruct"),
+        recipe=Recipe().to_dict(),
+        data_report_lines=["train: 90 conversations (demo:terms)", "eval: 10 conversations"],
+        metrics={"train_loss": 1.234, "eval_loss": 1.5, "eval_ppl": 4.4817, "base_eval_ppl": 12.1825,
+                 "tokens_per_s": 1523.7, "train_seconds": 42.0},
+        samples=[{"prompt": "What is a | pipe?\nBe brief.", "base": "A pipe | is\na tube.", "tuned": "<b>A tube</b>"}],
+        plots=[tmp_path / "plots" / "loss.png"],
+    )
+    return CardInfo(**(info | changes))
+
+
+def front_matter(text: str) -> dict:
+    head, sep, _ = text.removeprefix("---\n").partition("\n---\n")
+    assert text.startswith("---\n") and sep
+    return yaml.safe_load(head)
+
+
+def test_model_card(tmp_path):
+    run = RunDir(tmp_path, run_name="terms-demo", config={}, report_to=[])
+    card = run.write_card(card_info(tmp_path, evals={"pubmedqa": {"accuracy": 0.52, "n": 500}}))
+    run.close()
+    text = card.read_text()
+    assert card == tmp_path / "README.md"
+
+    assert front_matter(text) == {"library_name": "peft", "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                  "tags": ["medtune", "lora", "medical"]}
+    assert text.index(NOT_MEDICAL_ADVICE) < text.index("## Base model")
+    assert f"**{NOT_MEDICAL_ADVICE}**" in text
+    for section in ("Base model", "Training data", "Recipe", "Results", "Evaluations", "Plots", "Sample answers",
+                    "How to use", "Limitations"):
+        assert f"\n## {section}\n" in text
+    assert "```text\ntrain: 90 conversations (demo:terms)\neval: 10 conversations\n```" in text
+    assert "| `lora.r` | 16 |" in text
+    assert '| `lora.target_modules` | ["q_proj", "k_proj", "v_proj", "o_proj"] |' in text
+    assert "| `eval_ppl` | 4.482 |" in text and "| `tokens_per_s` | 1,524 |" in text
+    assert "held-out perplexity: base 12.18 → tuned 4.482" in text
+    assert "| pubmedqa | accuracy | 0.52 |" in text
+    assert "![loss](plots/loss.png)" in text
+    assert "> What is a | pipe?\n> Be brief." in text
+    assert "| base model | tuned model |\n|---|---|\n| A pipe \\| is<br>a tube. | &lt;b&gt;A tube&lt;/b&gt; |" in text
+    assert (f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct"), '
+            f'"{tmp_path}")') in text
+    assert f'medtune generate {tmp_path} --prompt "' in text and f"medtune chat {tmp_path}" in text
+
+
+@pytest.mark.parametrize(("base_model", "expected"), [
+    ("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"),
+    ("local/model", None),  # an existing folder, though it looks like org/name
+    ("/abs/folder", None),
+])
+def test_card_base_model_only_for_hub_ids(tmp_path, monkeypatch, base_model, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local" / "model").mkdir(parents=True)
+    run = RunDir(tmp_path / "run", run_name="r", config={}, report_to=[])
+    text = run.write_card(card_info(tmp_path, base_model=base_model, metrics={}, samples=[], plots=[])).read_text()
+    run.close()
+    assert front_matter(text).get("base_model") == expected
+    assert "held-out perplexity" not in text and "## Evaluations" not in text
+
+
+def test_metrics_jsonl_is_plain_json(tmp_path):
+    run = RunDir(tmp_path, run_name="r", config={}, report_to=[])
+    run.log({"loss": 2.0, "tokens_per_s": 10}, step=3)
+    run.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 2.0, "tokens_per_s": 10.0}
