@@ -79,12 +79,14 @@ def demo_corpus() -> list[str]:
     return texts
 
 
-def build_bpe_tokenizer(texts: list[str], special_tokens: list[str] = SPECIAL_TOKENS, vocab_size: int = 600):
-    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`; special tokens get ids 0.. in order."""
+def make_bpe_tokenizer(texts: list[str], special_tokens: list[str] = SPECIAL_TOKENS, vocab_size: int = 600):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `texts`; special tokens get ids 0.. in order.
+    `special_tokens` must hold <s> and </s>; <unk> is optional (byte-level BPE never needs it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    unk = "<unk>" if "<unk>" in special_tokens else None
+    bpe = Tokenizer(models.BPE(unk_token=unk))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
@@ -94,7 +96,7 @@ def build_bpe_tokenizer(texts: list[str], special_tokens: list[str] = SPECIAL_TO
                                                        special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     # transformers 5 calls them extra_special_tokens (additional_special_tokens is its deprecated alias).
     extra = [t for t in special_tokens if t not in ("<unk>", "<s>", "</s>")]
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token=unk,
                                   extra_special_tokens=extra)
     assert [tok.convert_tokens_to_ids(t) for t in special_tokens] == list(range(len(special_tokens)))
     assert tok.chat_template is None
@@ -105,7 +107,7 @@ def build_bpe_tokenizer(texts: list[str], special_tokens: list[str] = SPECIAL_TO
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A folder holding only the tiny tokenizer (tokenizer.json + tokenizer_config.json)."""
     texts = demo_corpus() or builtin_corpus()
-    tok = build_bpe_tokenizer(texts)
+    tok = make_bpe_tokenizer(texts)
     out = tmp_path_factory.mktemp("tiny-tokenizer")
     tok.save_pretrained(out)
     return out
@@ -135,6 +137,12 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def build_bpe_tokenizer():
+    """make_bpe_tokenizer(texts, special_tokens=..., vocab_size=...): for tests that need another vocabulary."""
+    return make_bpe_tokenizer
 
 
 @pytest.fixture

@@ -137,18 +137,28 @@ def pick_device(choice: str) -> torch.device:
 
 
 def disable_bnb_cpu_inference_path(model) -> int:
-    """bitsandbytes ≥ 0.50 on CPU: after one no-grad eval-mode forward, Linear4bit switches to an AVX512-BF16
-    inference kernel that has no backward, and LoRA gradients through it silently become zero or wrong.
-    Turn that path off on every Linear4bit. Returns how many layers were guarded."""
+    """bitsandbytes ≥ 0.50 on CPU: the first no-grad eval-mode forward through a Linear4bit repacks its weight IN
+    PLACE into a layout for an AVX512-BF16 inference kernel (`gemv_4bit`) that has no backward; from then on, even
+    after `model.train()`, LoRA gradients through that layer are silently zero or wrong. Turn that path off on
+    every Linear4bit, and unpack any layer that was already repacked. Returns how many layers were guarded."""
     try:
         import bitsandbytes as bnb
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     except ImportError:
         return 0
-    n = 0
+    n = repacked = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if state is not None and getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+                module.weight.quant_state = module.quant_state = state
+                repacked += 1
             n += 1
+    if repacked:
+        log.warning("%d 4-bit layers had already switched to bitsandbytes' CPU inference layout; restored them "
+                    "(scales re-quantised, so base weights differ slightly from the checkpoint)", repacked)
     return n
 
 

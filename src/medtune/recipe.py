@@ -157,17 +157,34 @@ def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
     node[parts[-1]] = value
 
 
+def _is_text_key(key: str) -> bool:
+    """Is the dotted recipe key a text field (str or str | None)? Its override value is then taken verbatim."""
+    model: type[BaseModel] = Recipe
+    *sections, last = key.split(".")
+    for part in sections:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return False
+        model = field.annotation
+    field = model.model_fields.get(last)
+    return field is not None and field.annotation in (str, str | None)
+
+
 def parse_overrides(overrides: list[str], source: str = "command line") -> dict:
-    """`a.b=value` strings → nested dict; values are parsed as YAML scalars/lists (`true`, `16`, `[q_proj, v_proj]`)."""
+    """`a.b=value` strings → nested dict; values are parsed as YAML scalars/lists (`true`, `16`, `[q_proj, v_proj]`),
+    except for text fields, which take the text as written (`tokenizer.system_prompt=Answer: briefly`)."""
     tree: dict = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise MedtuneError(f"override '{item}' is not key=value", file=source)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        if _is_text_key(key.strip()):
+            value = None if raw in ("null", "~") else raw
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
         _set_dotted(tree, key.strip(), value, source)
     return tree
 
@@ -179,9 +196,23 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _explain(err: ValidationError, source: str) -> MedtuneError:
+def _has_path(tree: Any, loc: tuple) -> bool:
+    for part in loc:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, list) and isinstance(part, int) and part < len(tree):
+            tree = tree[part]
+        else:
+            return False
+    return True
+
+
+def _explain(err: ValidationError, source: str, overrides: dict | None = None,
+             override_source: str = "command line") -> MedtuneError:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
+    if overrides and _has_path(overrides, first["loc"]):
+        source = override_source  # the mistake is in a key=value override, not in the file
     if first["type"] == "extra_forbidden":
         return MedtuneError(f"unknown recipe key '{key}' (see `medtune train --help` for the keys)", file=source, field=key)
     got = first.get("input")
@@ -192,6 +223,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a recipe YAML (or start from defaults when path is None), apply overrides, validate."""
     tree: dict = {}
     source = "defaults"
+    override_source = "command line"
     if path is not None:
         path = Path(path)
         source = str(path)
@@ -204,12 +236,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(tree, dict):
             raise MedtuneError("a recipe is a mapping of keys to values", file=source)
         tree.setdefault("name", path.stem)
-    if overrides:
-        tree = _merge(tree, parse_overrides(overrides, source=f"{source} (command line)"))
+        override_source = f"{source} (command line)"
+    override_tree = parse_overrides(overrides, source=override_source) if overrides else {}
+    tree = _merge(tree, override_tree)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as e:
-        raise _explain(e, source) from None
+        raise _explain(e, source, override_tree, override_source) from None
 
 
 def recipe_help() -> str:

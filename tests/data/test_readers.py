@@ -135,7 +135,7 @@ def test_jsonl_line_that_is_not_an_object(write_file):
 def test_non_utf8_bytes_name_the_row(write_file):
     path = write_file("qa.jsonl", json.dumps(RECORDS[0]).encode() + b'\n{"question": "caf\xe9"}\n')
     msg = error(str(path))
-    assert msg.startswith(f"{path}, row 2: not UTF-8 text (byte 0xe9)")
+    assert msg.startswith(f"{path}, row 2: not UTF-8 text (byte 0xe9")
 
 
 def test_ragged_csv_row(write_file):
@@ -174,15 +174,12 @@ def test_folder_that_is_not_a_dataset(tmp_path):
                                                "datasets.save_to_disk folder")
 
 
-@pytest.mark.xfail(reason="BUG: .tsv is accepted but parsed with the comma delimiter", strict=True)
 def test_tsv_is_tab_separated(write_file):
     path = write_file("qa.tsv", "question\tanswer\nWhat is a fever?\tA high temperature, often above 38 C.\n")
     assert numbered(read_rows(str(path))) == [(1, {"question": "What is a fever?",
                                                    "answer": "A high temperature, often above 38 C."})]
 
 
-@pytest.mark.xfail(reason="BUG: for .csv/.json, errors raised on the file's text report its LINE as 'row', "
-                          "while rows of those files are numbered by record", strict=True)
 @pytest.mark.parametrize("name, content", [
     ("qa.csv", b"question,answer\nWhat is a fever?,hot\nWhat is anemia?,caf\xe9\n"),
     ("qa.json", b'[\n  {"question": "What is a fever?"},\n  {"question": }\n]\n'),

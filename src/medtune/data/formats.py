@@ -114,7 +114,8 @@ _jinja = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=F
 def _render(template: str, row: Row, field: str) -> str:
     values = {k: ("" if v is None else v) for k, v in row.data.items()}
     try:
-        out = _jinja.from_string(template).render(row=values, **{k: v for k, v in values.items() if str(k).isidentifier()})
+        columns = {k: v for k, v in values.items() if str(k).isidentifier() and k != "row"}
+        out = _jinja.from_string(template).render(columns, row=values)  # `row` is always the whole row
     except UndefinedError as e:
         raise _bad(row, field, f"template uses a column this row lacks: {e.message}", "missing column") from None
     except TemplateError as e:

@@ -124,7 +124,7 @@ def split_rows(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], lis
         return rows, []
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(rows) * ratio))
+    n_eval = min(len(rows) - 1, max(1, round(len(rows) * ratio)))  # always leave a row to train on
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 

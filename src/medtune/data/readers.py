@@ -34,19 +34,20 @@ def demo_path(name: str) -> Path:
     return Path(str(resources.files("medtune.demo_data").joinpath(DEMO_FILES[name])))
 
 
-def _decode(path: Path) -> str:
+def _decode(path: Path, rows_are_lines: bool = False) -> str:
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise MedtuneError(f"not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save the file as UTF-8",
-                           file=str(path), row=line) from None
+        # Only in .jsonl is a line a row; in .csv/.json rows are records, so name the line instead.
+        raise MedtuneError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); re-save the file as UTF-8",
+                           file=str(path), row=line if rows_are_lines else None) from None
 
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    for n, line in enumerate(_decode(path).splitlines(), start=1):
+    for n, line in enumerate(_decode(path, rows_are_lines=True).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -63,7 +64,7 @@ def _read_json(path: Path) -> list[Row]:
     try:
         obj = json.loads(_decode(path))
     except json.JSONDecodeError as e:
-        raise MedtuneError(f"malformed JSON on line {e.lineno}: {e.msg}", file=str(path), row=e.lineno) from None
+        raise MedtuneError(f"malformed JSON on line {e.lineno}: {e.msg}", file=str(path)) from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
@@ -77,7 +78,8 @@ def _read_json(path: Path) -> list[Row]:
 
 
 def _read_csv(path: Path) -> list[Row]:
-    reader = csv.reader(io.StringIO(_decode(path), newline=""))
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
     try:
         header = next(reader)
     except StopIteration:
@@ -125,7 +127,7 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
             import pyarrow.parquet as pq
 
             return _from_records(str(path), pq.read_table(path).to_pylist())
-        raise MedtuneError(f"unknown data file type '{suffix}': use .jsonl, .json, .csv or .parquet",
+        raise MedtuneError(f"unknown data file type '{suffix}': use .jsonl, .json, .csv, .tsv or .parquet",
                            file=str(path), field="data.path")
     looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix
     if looks_like_hub:

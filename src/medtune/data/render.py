@@ -18,6 +18,7 @@ from medtune.recipe import DataConfig
 
 IGNORE = -100
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_JINJA_COMMENT = re.compile(r"\{#.*?#\}", re.S)
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Dropped(Exception):
 
 
 def has_generation_markers(template: str) -> bool:
-    return bool(_GENERATION_TAG.search(template or ""))
+    return bool(_GENERATION_TAG.search(_JINJA_COMMENT.sub("", template or "")))
 
 
 def _answer_char_spans(tok, messages: list[dict], stop_tokens: list[str], ex: Example) -> tuple[str, list[tuple[int, int]]]:

@@ -1,0 +1,192 @@
+"""Recipes: YAML + key=value overrides → a validated Recipe; mistakes name the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medtune.data.readers import demo_path
+from medtune.errors import MedtuneError
+from medtune.recipe import DEFAULT_MODEL, Recipe, load_recipe, parse_overrides, recipe_help
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_defaults():
+    recipe = load_recipe(None)
+    assert recipe == Recipe()
+    assert recipe.model == DEFAULT_MODEL and recipe.lora.r == 16 and recipe.data.format == "template"
+    assert recipe.run_dir == Path("runs/run")
+
+
+def test_overrides_of_nested_keys():
+    recipe = load_recipe(None, ["lora.r=8", "quant.load_in_4bit=true", "data.path=x", "lora.target_modules=[q_proj,v_proj]",
+                                "model=foo", "output_dir=o", "train.eval_steps=5", "train.max_steps=3"])
+    assert recipe.lora.r == 8
+    assert recipe.quant.load_in_4bit is True
+    assert recipe.data.path == "x"
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.model == "foo"
+    assert recipe.output_dir == "o" and recipe.run_dir == Path("o")
+    assert recipe.train.eval_steps == 5
+    assert recipe.train.max_steps == 3
+    # untouched siblings keep their defaults
+    assert recipe.lora.alpha == 32 and recipe.quant.quant_type == "nf4" and recipe.train.batch_size == 4
+
+
+def test_parse_overrides():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]", "e=", "f=true"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2],
+                                                                             "e": "", "f": True}
+
+
+def test_yaml_file_then_overrides(write_file):
+    path = write_file("med.yaml", "model: base\nlora:\n  r: 4\n  alpha: 8\ntrain:\n  lr: 1.0e-3\n")
+    recipe = load_recipe(path, ["lora.r=8", "train.packing=true"])
+    assert (recipe.name, recipe.model) == ("med", "base")
+    assert (recipe.lora.r, recipe.lora.alpha) == (8, 8)
+    assert (recipe.train.lr, recipe.train.packing) == (1e-3, True)
+    assert recipe.to_dict()["lora"]["r"] == 8
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.name
+    assert Recipe.model_validate(recipe.to_dict()) == recipe
+    if recipe.data.path.startswith("demo:"):
+        assert demo_path(recipe.data.path.split(":", 1)[1]).is_file()
+
+
+# ---- mistakes -------------------------------------------------------------------------------------------------------
+
+def error(path, overrides=None) -> MedtuneError:
+    with pytest.raises(MedtuneError) as err:
+        load_recipe(path, overrides)
+    return err.value
+
+
+def test_unknown_key_in_an_override():
+    err = error(None, ["lora.rr=3"])
+    assert "field 'lora.rr': unknown recipe key 'lora.rr'" in str(err)
+    assert err.field == "lora.rr"
+
+
+def test_unknown_key_in_the_yaml_file(write_file):
+    path = write_file("med.yaml", "lora:\n  rr: 3\n")
+    assert str(error(path)).startswith(f"{path}, field 'lora.rr': unknown recipe key 'lora.rr'")
+
+
+def test_unknown_key_in_an_override_is_not_blamed_on_the_file(write_file):
+    path = write_file("med.yaml", "lora:\n  r: 4\n")
+    assert str(error(path, ["lora.rr=3"])).startswith(f"{path} (command line), field 'lora.rr'")
+    assert str(error(None, ["lora.rr=3"])).startswith("command line, field 'lora.rr'")
+
+
+def test_wrong_value_type():
+    err = error(None, ["train.max_steps=abc"])
+    assert "field 'train.max_steps'" in str(err) and "(got 'abc')" in str(err)
+
+
+def test_wrong_value_type_in_the_file(write_file):
+    path = write_file("med.yaml", "train:\n  batch_size: 0\n")
+    msg = str(error(path))
+    assert msg.startswith(f"{path}, field 'train.batch_size': ") and "(got 0)" in msg
+
+
+def test_unknown_data_format():
+    err = error(None, ["data.format=foo"])
+    assert "field 'data.format'" in str(err) and "(got 'foo')" in str(err)
+    assert "'text', 'messages', 'instruction', 'qa' or 'template'" in str(err)
+
+
+def test_override_that_is_not_key_value():
+    msg = str(error(None, ["lora.r"]))
+    assert "command line" in msg and msg.endswith(": override 'lora.r' is not key=value")
+
+
+def test_override_below_a_value_is_an_error():
+    msg = str(error(None, ["model=foo", "model.x=1"]))
+    assert "command line" in msg and msg.endswith(": cannot set 'model.x': 'model' is not a section")
+
+
+def test_recipe_file_not_found(tmp_path):
+    assert str(error(tmp_path / "nope.yaml")) == f"{tmp_path / 'nope.yaml'}: recipe file not found"
+
+
+def test_recipe_file_that_is_not_a_mapping(write_file):
+    path = write_file("list.yaml", "- a\n- b\n")
+    assert str(error(path)) == f"{path}: a recipe is a mapping of keys to values"
+
+
+def test_recipe_file_that_is_not_yaml(write_file):
+    path = write_file("bad.yaml", "lora: [1, 2\n")
+    assert str(error(path)).startswith(f"{path}: not valid YAML: ")
+
+
+def test_bad_run_name():
+    assert "field 'name'" in str(error(None, ["name=my run"]))
+
+
+@pytest.mark.parametrize("override, field, value", [
+    ("tokenizer.system_prompt=Answer: briefly", "system_prompt", "Answer: briefly"),
+    ("tokenizer.system_prompt=yes", "system_prompt", "yes"),
+    ("name=2024", "name", "2024"),
+])
+def test_text_overrides_stay_text(override, field, value):
+    recipe = load_recipe(None, [override])
+    section = recipe.tokenizer if override.startswith("tokenizer.") else recipe
+    assert getattr(section, field) == value
+
+
+# ---- help -----------------------------------------------------------------------------------------------------------
+
+def flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            keys += flat_keys(v, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def test_recipe_help_lists_every_key_with_a_description():
+    text = recipe_help()
+    keys = flat_keys(Recipe().to_dict())
+    assert {"lora.r", "quant.load_in_4bit", "data.path", "data.columns", "train.eval_steps", "tokenizer.pad_token",
+            "samples.prompts", "model", "output_dir"} <= set(keys)
+    lines = text.splitlines()
+    listed = [line.split(" = ")[0].strip() for line in lines if line.startswith("  ") and not line.startswith("    ")]
+    assert sorted(listed) == sorted(keys)  # every key once, and nothing else
+    for i, line in enumerate(lines):
+        if line.split(" = ")[0].strip() in keys and not line.startswith("    "):
+            assert lines[i + 1].startswith("      ") and lines[i + 1].strip(), f"no description for {line}"
+    assert "  lora.r = 16\n      LoRA rank." in text
+    assert "  quant.load_in_4bit = False\n" in text
+
+
+# ---- the recipe's model, offline -----------------------------------------------------------------------------------
+
+def test_model_not_found_offline_says_what_was_tried(monkeypatch):
+    from medtune.models import resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MedtuneError) as err:
+        resolve_model("no-such-org/no-such-model")
+    assert str(err.value) == ("field 'model': model 'no-such-org/no-such-model' not found offline; tried the local hub "
+                              "cache for no-such-org/no-such-model")
+
+
+def test_model_folder_without_config(tmp_path):
+    from medtune.models import resolve_model
+
+    with pytest.raises(MedtuneError) as err:
+        resolve_model(str(tmp_path))
+    assert str(err.value) == f"{tmp_path}, field 'model': folder has no config.json, so it is not a model folder"
+
+
+def test_model_folder_resolves_to_itself(tiny_model_dir):
+    from medtune.models import resolve_model
+
+    assert resolve_model(str(tiny_model_dir)) == str(tiny_model_dir)
