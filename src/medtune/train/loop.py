@@ -210,7 +210,7 @@ def run_training(recipe: Recipe) -> TrainResult:
             bar.update(1)
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                last_logged = {"loss": window_loss / window_tokens, "lr": scheduler.get_last_lr()[0],
+                last_logged = {"loss": window_loss / window_tokens, "learning_rate": scheduler.get_last_lr()[0],
                                "grad_norm": float(grad_norm), "tokens_per_s": window_real / elapsed,
                                "epoch": state.step / steps_per_epoch}
                 tracker.log(last_logged, step=state.step)
