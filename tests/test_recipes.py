@@ -29,18 +29,6 @@ MEDQA = "llama3.2-3b-lora-medqa.yaml"
 QUICKSTART = "quickstart.yaml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins waiting for a busy core
-    (measured: 2 steps of a recipe take ~13 s with 2 threads under load, ~0.5 s with 1)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_recipes_are_found():
     names = {p.name for p in RECIPES}
     assert {SEED_000, DOCTOR_CHAT, HOME_REMEDIES, MEDQA, QUICKSTART} <= names, names

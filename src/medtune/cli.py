@@ -34,9 +34,10 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_train(args) -> int:
     from medtune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before the slow imports: recipe mistakes report at once
     from medtune.train.loop import run_training
 
-    recipe = load_recipe(args.recipe, args.overrides)
     result = run_training(recipe)
     m = result.metrics
     print(f"\nrun: {result.run_dir}")
@@ -50,12 +51,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from medtune.data.prepare import prepare_data
-    from medtune.models import load_tokenizer, resolve_model
     from medtune.recipe import load_recipe
-    from medtune.tokenizer import prepare_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
+    from medtune.data.prepare import prepare_data
+    from medtune.models import load_tokenizer, resolve_model
+    from medtune.tokenizer import prepare_tokenizer
+
     model_dir = resolve_model(recipe.model)
     tok = load_tokenizer(model_dir, recipe.trust_remote_code)
     chat = prepare_tokenizer(tok, recipe.tokenizer)

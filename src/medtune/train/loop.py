@@ -29,7 +29,14 @@ from medtune.data.prepare import PreparedData, prepare_data
 from medtune.data.render import IGNORE, Sample
 from medtune.errors import MedtuneError
 from medtune.generate import RUN_META, Loaded, generate, user_turn
-from medtune.models import add_lora, bf16_supported, load_base_model, load_tokenizer, pick_device, resolve_model
+from medtune.models import (
+    add_lora,
+    bf16_supported,
+    load_base_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model,
+)
 from medtune.recipe import Recipe
 from medtune.tokenizer import ChatSetup, prepare_tokenizer
 from medtune.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
