@@ -188,8 +188,11 @@ def load_base_model(model_dir: str, *, dtype: torch.dtype, device: torch.device,
     return model
 
 
-def add_lora(model, lora, *, gradient_checkpointing: bool = False, quantized: bool = False):
-    """Wrap the base in peft LoRA adapters; only the adapters train (kept in fp32)."""
+def add_lora(model, lora, *, gradient_checkpointing: bool = False, quantized: bool = False, autocast: bool = False):
+    """Wrap the base in peft LoRA adapters; only the adapters train (kept in fp32).
+
+    With `autocast` (bf16 autocast around the forward), peft's cast of each layer input to the adapters' fp32
+    would only be undone by autocast before the matmul: we turn it off (measured: ~20% faster steps)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
@@ -207,6 +210,10 @@ def add_lora(model, lora, *, gradient_checkpointing: bool = False, quantized: bo
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    if autocast:
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
     if quantized:
         disable_bnb_cpu_inference_path(model)
     return model

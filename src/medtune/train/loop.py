@@ -154,7 +154,8 @@ def run_training(recipe: Recipe) -> TrainResult:
                             trust_remote_code=recipe.trust_remote_code, attn_implementation=recipe.attn_implementation)
     if chat.added_tokens:
         model.resize_token_embeddings(len(tok))
-    model = add_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing, quantized=quantized)
+    model = add_lora(model, recipe.lora, gradient_checkpointing=recipe.train.gradient_checkpointing, quantized=quantized,
+                     autocast=bf16)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
     log.info("model %s: %s trainable LoRA parameters (%s), base in %s, %s", recipe.model, f"{n_train:,}",
@@ -219,7 +220,7 @@ def run_training(recipe: Recipe) -> TrainResult:
                 elapsed = time.perf_counter() - window_start
                 last_logged = {"loss": window_loss / window_tokens, "learning_rate": scheduler.get_last_lr()[0],
                                "grad_norm": float(grad_norm), "tokens_per_s": window_real / elapsed,
-                               "epoch": state.step / steps_per_epoch}
+                               "tokens_seen": run_real, "epoch": state.step / steps_per_epoch}
                 tracker.log(last_logged, step=state.step)
                 bar.set_postfix(loss=f"{last_logged['loss']:.4f}", tok_s=f"{last_logged['tokens_per_s']:.0f}")
                 window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()

@@ -1,0 +1,63 @@
+"""This machine's dense matmul peak, measured on the spot: the denominator of MFU.
+
+`python -m medtune.bench.peak` times `torch.mm` of two n×n matrices (default 2048) in bf16 and fp32 with torch's
+default thread count, after a warm-up, in a few short timed loops, and prints ONE JSON line with the best rate of
+each in TFLOP/s (one n×n×n product = 2·n³ FLOPs). `medtune bench train` runs it in its own process, before the
+training workers, so it shares no allocator or thread-pool state with them.
+
+The "peak" is what PyTorch's own GEMM (oneDNN/MKL) reaches on this box, not the vendor's data-sheet figure; it is
+the fair ceiling for a PyTorch training step, and it moves with whatever else the machine is running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0, repeats: int = 5) -> float:
+    """Best of `repeats` timed loops (each about `seconds / repeats` long, at least one product) of n×n @ n×n."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    for _ in range(2):  # warm-up: thread pool start, oneDNN kernel selection, page faults on `out`
+        torch.mm(a, b, out=out)
+    budget = seconds / max(repeats, 1)
+    best = 0.0
+    for _ in range(max(repeats, 1)):
+        iters, start = 0, time.perf_counter()
+        while True:
+            torch.mm(a, b, out=out)
+            iters += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= budget:
+                break
+        best = max(best, 2.0 * n**3 * iters / elapsed / 1e12)
+    return best
+
+
+def measure(n: int = 2048, seconds: float = 1.0) -> dict:
+    result: dict = {"n": n, "threads": torch.get_num_threads()}
+    for name, dtype in DTYPES.items():
+        result[f"{name}_tflops"] = matmul_tflops(dtype, n=n, seconds=seconds)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medtune.bench.peak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=2048, help="matrix size")
+    p.add_argument("--seconds", type=float, default=1.0, help="timed budget per dtype (split into 5 loops)")
+    args = p.parse_args(argv)
+    print(json.dumps(measure(args.n, args.seconds)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
