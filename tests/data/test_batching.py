@@ -50,7 +50,7 @@ def test_pad_collate_tensors_are_long():
 
 
 def test_pack_collate_three_samples():
-    batch = pack_collate([A, B, C])
+    batch = pack_collate([[A, B, C]], pad_id=0)
     assert batch.input_ids.tolist() == [[1, 11, 12, 13, 1, 21, 1, 31, 32]]
     # No sample's last token predicts the next sample's first.
     assert batch.targets.tolist() == [[X, 12, 13, X, 21, X, 31, 32, X]]
@@ -60,6 +60,16 @@ def test_pack_collate_three_samples():
     assert batch.num_tokens == 9
     moved = batch.to(torch.device("cpu"))
     assert moved.attention_mask is None and torch.equal(moved.position_ids, batch.position_ids)
+
+
+def test_pack_collate_rows_are_padded_as_their_own_segment():
+    batch = pack_collate([[A, B], [C]], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 11, 12, 13, 1, 21], [1, 31, 32, 0, 0, 0]]
+    assert batch.targets.tolist() == [[X, 12, 13, X, 21, X], [31, 32, X, X, X, X]]
+    # The padding restarts at 0, so it forms its own block of the block-diagonal mask.
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 2]]
+    assert batch.attention_mask is None
+    assert batch.num_loss_tokens == 5 and batch.num_tokens == 9
 
 
 def test_pack_bins_best_fit_decreasing():
@@ -145,8 +155,10 @@ def test_iterate_collates_the_plan_and_skips_for_resume():
     resumed = list(iterate(samples, plan, epoch=1, pad_id=0, side="right", skip=2))
     assert len(resumed) == 1 and torch.equal(resumed[0].input_ids, batches[2].input_ids)
     packed_plan = BatchPlan([len(s.input_ids) for s in samples], batch_size=2, seed=0, packing=True, max_length=9)
-    for batch in iterate(samples, packed_plan, epoch=0, pad_id=0, side="right"):
-        assert batch.input_ids.shape[0] == 1 and batch.attention_mask is None
+    for rows, batch in zip(packed_plan.rows(0), iterate(samples, packed_plan, epoch=0, pad_id=0, side="right"),
+                           strict=True):
+        assert batch.input_ids.shape[0] == len(rows) <= 2 and batch.attention_mask is None
+        assert batch.input_ids.shape[1] <= 9
 
 
 # ---- packing on the real tiny model --------------------------------------------------------------------------
@@ -174,7 +186,7 @@ def alone_logits(model, sample: Sample) -> torch.Tensor:
 
 def test_packed_row_gives_the_logits_of_each_sequence_alone(model_and_samples):
     model, samples = model_and_samples
-    batch = pack_collate(samples)
+    batch = pack_collate([samples], pad_id=0)
     with torch.no_grad():
         packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits[0]
     start = 0
@@ -188,7 +200,7 @@ def test_packed_row_gives_the_logits_of_each_sequence_alone(model_and_samples):
 def test_packed_row_without_restarting_positions_mixes_sequences(model_and_samples):
     # Sanity: the test above can fail. With plain 0..T-1 positions nothing separates the sequences.
     model, samples = model_and_samples
-    batch = pack_collate(samples)
+    batch = pack_collate([samples], pad_id=0)
     arange = torch.arange(batch.input_ids.shape[1]).unsqueeze(0)
     with torch.no_grad():
         mixed = model(input_ids=batch.input_ids, position_ids=arange, use_cache=False).logits[0]
@@ -201,8 +213,19 @@ def test_packed_row_needs_use_cache_false(model_and_samples):
     # default use_cache=True it builds one, and packed sequences attend to each other. The training loop must
     # call the model with use_cache=False.
     model, samples = model_and_samples
-    batch = pack_collate(samples)
+    batch = pack_collate([samples], pad_id=0)
     with torch.no_grad():
         cached = model(input_ids=batch.input_ids, position_ids=batch.position_ids).logits[0]
     n0, n1 = len(samples[0].input_ids), len(samples[1].input_ids)
     assert (cached[n0: n0 + n1] - alone_logits(model, samples[1])).abs().max() > 1e-3
+
+
+def test_packed_rows_with_padding_give_each_sequence_alone(model_and_samples):
+    model, samples = model_and_samples
+    batch = pack_collate([[samples[0], samples[1]], [samples[2]]], pad_id=0)
+    with torch.no_grad():
+        packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+    n0, n1, n2 = (len(s.input_ids) for s in samples)
+    torch.testing.assert_close(packed[0, :n0], alone_logits(model, samples[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[0, n0: n0 + n1], alone_logits(model, samples[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed[1, :n2], alone_logits(model, samples[2]), atol=1e-5, rtol=0)

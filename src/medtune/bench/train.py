@@ -106,12 +106,12 @@ def parse_systems(text: str) -> tuple[str, ...]:
 
 def validate(cfg: BenchConfig) -> None:
     if cfg.steps <= WARMUP_STEPS:
-        raise MedtuneError(f"--steps must be at least {WARMUP_STEPS + 1} (the first {WARMUP_STEPS} are warm-up)",
+        raise MedtuneError(f"must be at least {WARMUP_STEPS + 1} (the first {WARMUP_STEPS} steps are warm-up)",
                            field="--steps")
     if cfg.max_length < 16:
-        raise MedtuneError("--max-length must be at least 16", field="--max-length")
+        raise MedtuneError("must be at least 16", field="--max-length")
     if cfg.batch_size < 1:
-        raise MedtuneError("--batch-size must be at least 1", field="--batch-size")
+        raise MedtuneError("must be at least 1", field="--batch-size")
 
 
 # ---- data -----------------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
-"""Samples → micro-batches: plain padding, group-by-length, or padding-free packing.
+"""Samples → micro-batches: plain padding, group-by-length, or packing.
 
 Targets are shifted here, per sample (`targets[t]` is the token that position t must predict), so that
 packing several samples into one row can never make a sample's last token predict the next sample's first.
 
-Packing is padding-free: samples are placed into bins of at most `max_length` tokens (first-fit
-decreasing), and the `batch_size` bins of a micro-batch are laid end to end in ONE row of shape (1, T),
-with position ids restarting at 0 for each sample. transformers turns restarting position ids into a
-block-diagonal causal mask, so no token attends across samples.
+Packing: samples are placed into bins of at most `max_length` tokens (best-fit decreasing); each bin is one
+row, with position ids restarting at 0 for each sample, and a micro-batch is `batch_size` rows. With no
+attention mask and restarting position ids, transformers builds a block-diagonal causal mask (only when the
+model is called with `use_cache=False`), so no token attends across samples. Rows of `max_length`, not one
+long row: attention cost grows with the square of the row length.
 """
 
 from __future__ import annotations
@@ -28,16 +29,12 @@ class Batch:
     position_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor | None  # (B, T); None when packed (position ids carry the boundaries)
     num_loss_tokens: int
+    num_tokens: int  # real (non-pad) tokens
 
     def to(self, device: torch.device) -> Batch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return Batch(self.input_ids.to(device), self.targets.to(device), self.position_ids.to(device), mask,
-                     self.num_loss_tokens)
-
-    @property
-    def num_tokens(self) -> int:
-        """Real (non-pad) tokens."""
-        return int(self.input_ids.numel() if self.attention_mask is None else self.attention_mask.sum())
+                     self.num_loss_tokens, self.num_tokens)
 
 
 def shifted_targets(s: Sample) -> list[int]:
@@ -58,17 +55,26 @@ def pad_collate(samples: list[Sample], pad_id: int, side: str = "right") -> Batc
     attention = torch.tensor(mask)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     targets = torch.tensor(tgt)
-    return Batch(torch.tensor(ids), targets, position_ids, attention, int((targets != IGNORE).sum()))
+    return Batch(torch.tensor(ids), targets, position_ids, attention, int((targets != IGNORE).sum()),
+                 int(attention.sum()))
 
 
-def pack_collate(samples: list[Sample]) -> Batch:
+def pack_collate(rows: list[list[Sample]], pad_id: int) -> Batch:
+    """Each row: its samples end to end, positions restarting per sample; rows padded at the end to the longest
+    (the padding is one more segment with its own positions, so it attends only to itself, and has no targets)."""
+    width = max(sum(len(s.input_ids) for s in row) for row in rows)
     ids, tgt, pos = [], [], []
-    for s in samples:
-        ids += s.input_ids
-        tgt += shifted_targets(s)
-        pos += range(len(s.input_ids))
-    targets = torch.tensor([tgt])
-    return Batch(torch.tensor([ids]), targets, torch.tensor([pos]), None, int((targets != IGNORE).sum()))
+    for row in rows:
+        r_ids, r_tgt, r_pos = [], [], []
+        for s in row:
+            r_ids += s.input_ids
+            r_tgt += shifted_targets(s)
+            r_pos += range(len(s.input_ids))
+        n = width - len(r_ids)
+        ids.append(r_ids + [pad_id] * n), tgt.append(r_tgt + [IGNORE] * n), pos.append(r_pos + list(range(n)))
+    targets = torch.tensor(tgt)
+    real = sum(len(s.input_ids) for row in rows for s in row)
+    return Batch(torch.tensor(ids), targets, torch.tensor(pos), None, int((targets != IGNORE).sum()), real)
 
 
 def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -101,12 +107,13 @@ class BatchPlan:
     def __post_init__(self) -> None:
         self._bins = pack_bins(self.lengths, self.max_length) if self.packing else None
 
-    def batches(self, epoch: int) -> list[list[int]]:
+    def rows(self, epoch: int) -> list[list[list[int]]]:
+        """Micro-batches as rows of sample indices: one sample per row, or a packed bin per row."""
         rng = random.Random(self.seed * 1_000_003 + epoch)
         if self.packing:
             bins = list(self._bins)
             rng.shuffle(bins)
-            return [sum(bins[i: i + self.batch_size], []) for i in range(0, len(bins), self.batch_size)]
+            return [bins[i: i + self.batch_size] for i in range(0, len(bins), self.batch_size)]
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         if self.group_by_length:
@@ -116,8 +123,13 @@ class BatchPlan:
                      for i in sorted(order[k: k + mega], key=lambda i: -self.lengths[i])]
             chunks = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
             rng.shuffle(chunks)
-            return chunks
-        return [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        else:
+            chunks = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [[[i] for i in chunk] for chunk in chunks]
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The sample indices of each micro-batch."""
+        return [[i for row in batch for i in row] for batch in self.rows(epoch)]
 
     def __len__(self) -> int:
         n = len(self._bins) if self.packing else len(self.lengths)
@@ -127,6 +139,8 @@ class BatchPlan:
 def iterate(samples: list[Sample], plan: BatchPlan, epoch: int, pad_id: int, side: str,
             skip: int = 0) -> Iterator[Batch]:
     """Micro-batches of one epoch, skipping the first `skip` (resume)."""
-    for idx in plan.batches(epoch)[skip:]:
-        group = [samples[i] for i in idx]
-        yield pack_collate(group) if plan.packing else pad_collate(group, pad_id, side)
+    for rows in plan.rows(epoch)[skip:]:
+        if plan.packing:
+            yield pack_collate([[samples[i] for i in row] for row in rows], pad_id)
+        else:
+            yield pad_collate([samples[row[0]] for row in rows], pad_id, side)

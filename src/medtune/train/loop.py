@@ -40,6 +40,7 @@ from medtune.models import (
 from medtune.recipe import Recipe
 from medtune.tokenizer import ChatSetup, prepare_tokenizer
 from medtune.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from medtune.train.loss import chunked_cross_entropy_sum
 from medtune.train.rundir import CardInfo, RunDir
 
 log = logging.getLogger("medtune")
@@ -60,14 +61,24 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def loss_sum(model, batch: Batch, autocast) -> torch.Tensor:
-    """Sum of token cross-entropies over the batch's targets (fp32). Logits are computed only at positions
-    where some row has a target, so prompt tokens never materialise vocabulary-sized rows."""
+def loss_sum(model, batch: Batch, autocast, chunked: bool = True) -> torch.Tensor:
+    """Sum of token cross-entropies over the batch's targets, in fp32.
+
+    Only positions with a target reach the output layer. With a frozen output layer (always, with LoRA) the
+    loss goes through `chunked_cross_entropy_sum`, which never holds more than one chunk of logits; otherwise
+    through transformers' `logits_to_keep`, which computes logits only at those positions."""
     keep = (batch.targets != IGNORE).any(0).nonzero().squeeze(-1)  # (K,)
+    targets = batch.targets[:, keep]  # (B, K)
+    head = model.get_output_embeddings()
+    if chunked and isinstance(head, torch.nn.Linear) and not head.weight.requires_grad and head.bias is None:
+        with autocast:
+            hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         position_ids=batch.position_ids, use_cache=False).last_hidden_state  # (B, T, H)
+            valid = targets != IGNORE  # (B, K)
+            return chunked_cross_entropy_sum(hidden[:, keep][valid], head.weight, targets[valid])
     with autocast:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                        logits_to_keep=keep, use_cache=False).logits  # (B, K, V)
-    targets = batch.targets[:, keep]  # (B, K)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 

@@ -1,0 +1,176 @@
+"""`medtune bench train`: the whole harness on the tiny model (seed, trl and medtune, each in its own process), then
+the pieces it rests on: one text format every system tokenizes identically, the MFU arithmetic, the step summaries
+and how a failing worker is reported."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from medtune.bench import train as bench
+from medtune.errors import MedtuneError
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tiny_model_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    cfg = bench.BenchConfig(model=str(tiny_model_dir), steps=3, max_length=64, peak_seconds=0.2, timeout=300)
+    returned = bench.run_bench(cfg, json_path=out, command="pytest")
+    written = json.loads(out.read_text())
+    assert written["systems"].keys() == returned["systems"].keys()
+    return written
+
+
+def test_every_system_trains_and_reports(tiny_bench):
+    systems = tiny_bench["systems"]
+    assert list(systems) == ["seed", "trl", "medtune"]
+    for name, s in systems.items():
+        assert not s.get("error"), f"{name}: {s.get('error')}\n{s.get('stderr_tail', '')}"
+        assert s["tokens_per_s"] > 0 and s["peak_rss_mb"] > 0 and s["wall_s"] > 0, name
+        assert math.isfinite(s["loss"]) and math.isfinite(s["loss_equal_tokens"]), name
+        assert len(s["steps"]) == 3 and s["measured_steps"] == 1, name
+        assert s["mfu_bf16_pct"] > 0 and s["mfu_fp32_pct"] > 0, name
+    assert systems["seed"]["setup"]["precision"] == "fp32" and systems["seed"]["setup"]["gradient_checkpointing"]
+    assert systems["seed"]["setup"]["sampling"] == "group_by_length"
+    assert systems["trl"]["sft_config"]["packing"] and systems["trl"]["sft_config"]["padding_free"]
+    assert systems["trl"]["sft_config"]["bf16"] and not systems["trl"]["sft_config"]["gradient_checkpointing"]
+    for key in ("speedup_vs_seed", "speedup_vs_trl", "peak_bf16_tflops", "peak_fp32_tflops"):
+        assert tiny_bench[key] > 0, key
+    assert tiny_bench["machine"]["torch_threads"] >= 1 and tiny_bench["command"] == "pytest"
+
+
+def test_the_three_systems_train_on_the_same_tokens(tiny_bench):
+    systems = tiny_bench["systems"]
+    per_step = {name: s["tokens_per_step"] for name, s in systems.items()}
+    # seed and medtune read the same 12 texts in one epoch of 3 steps: exactly the same tokens, in another order
+    assert systems["seed"]["tokens_total"] == systems["medtune"]["tokens_total"], per_step
+    # at max_length 64 every text fills a packed row on its own, so TRL's packed steps hold the same texts too
+    ref = per_step["medtune"]
+    assert all(abs(v - ref) <= 0.1 * ref for v in per_step.values()), per_step
+
+
+def test_the_table_shows_every_system(tiny_bench):
+    table = bench.format_table(tiny_bench)
+    for word in ("seed", "trl", "medtune", "tokens/s", "peak RSS MB", "MFU bf16 %", "MFU fp32 %", "medtune/seed"):
+        assert word in table
+
+
+# ---- the text every system reads ---------------------------------------------------------------------------
+
+def test_format_text_is_the_seed_prompt_with_the_tokenizers_strings():
+    text = bench.format_text(" Gout ", "Gout is a form of arthritis.\n", "<|im_start|>", "<|im_end|>")
+    assert text == "<|im_start|>[INST] Please tell me about Gout [/INST] Gout is a form of arthritis. <|im_end|>"
+    assert bench.format_text("Gout", "Gout hurts.", "", "</s>") == "[INST] Please tell me about Gout [/INST] Gout hurts. </s>"
+
+
+def test_row_text_takes_title_and_text_or_a_ready_text():
+    assert bench.row_text({"page_title": "Acne", "page_text": "Spots."}, "<s>", "</s>").startswith("<s>[INST]")
+    assert bench.row_text({"text": "ready"}, "<s>", "</s>") == "ready"
+    assert bench.row_text({"page_title": "Acne", "page_text": "  "}, "<s>", "</s>") is None
+
+
+class _NoAutoBos:
+    bos_token, bos_token_id, eos_token = "<|im_start|>", 1, "<|im_end|>"
+
+    def __call__(self, text):
+        return {"input_ids": [7]}
+
+
+def test_bos_string_is_written_only_when_the_tokenizer_does_not_add_it(tiny_tokenizer):
+    assert bench.special_strings(_NoAutoBos()) == ("<|im_start|>", "<|im_end|>")  # SmolLM2's tokenizer adds none
+    assert bench.special_strings(tiny_tokenizer) == ("", "</s>")  # LLaMA-style: prepends <s> itself
+
+
+def test_trl_and_medtune_tokenize_the_text_identically(tiny_tokenizer):
+    """TRL: `tok(text)` (eos already there), truncated keep-start; medtune: format=text rendering."""
+    from medtune.data.formats import Example
+    from medtune.data.render import render
+    from medtune.recipe import DataConfig
+
+    bos, eos = bench.special_strings(tiny_tokenizer)
+    short = bench.format_text("Gout", "Gout is a form of arthritis.", bos, eos)
+    long = bench.format_text("Fever", " ".join(["The patient has a fever and a cough."] * 20), bos, eos)
+    for text in (short, long):
+        trl_ids = tiny_tokenizer(text=text)["input_ids"][:64]
+        sample, _ = render(Example("x", 1, text=text), tiny_tokenizer, DataConfig(format="text", max_length=64), [eos])
+        assert sample.input_ids == trl_ids and sample.labels == trl_ids  # all tokens train
+        assert trl_ids.count(tiny_tokenizer.bos_token_id) == 1 and trl_ids[0] == tiny_tokenizer.bos_token_id
+    assert tiny_tokenizer(text=short)["input_ids"][-1] == tiny_tokenizer.eos_token_id
+
+
+def test_build_texts_samples_steps_times_batch_rows(write_file, tiny_tokenizer):
+    rows = "".join(json.dumps({"page_title": f"T{i}", "page_text": f"Body {i}."}) + "\n" for i in range(50))
+    path = write_file("terms.jsonl", rows)
+    texts = bench.build_texts(str(path), tiny_tokenizer, 12)
+    assert len(texts) == len(set(texts)) == 12 and texts == bench.build_texts(str(path), tiny_tokenizer, 12)
+    assert len(bench.build_texts(str(path), tiny_tokenizer, 80)) == 50
+    with pytest.raises(MedtuneError):
+        bench.build_texts(str(write_file("bad.jsonl", '{"q": 1}\n')), tiny_tokenizer, 4)
+
+
+# ---- arithmetic ------------------------------------------------------------------------------------------------
+
+def test_mfu_arithmetic():
+    assert bench.flops_per_token(134_515_008) == 4 * 134_515_008
+    # 1000 tokens/s x 538 MFLOP/token = 0.538 TFLOP/s of useful work; on a 2 TFLOP/s peak that is 26.9 %
+    assert bench.mfu(1000.0, 4 * 134_500_000, 2.0) == pytest.approx(0.269)
+    assert bench.mfu(500.0, 4e8, 0.1) == pytest.approx(2.0)  # more than the peak is reported, not clipped
+    assert math.isnan(bench.mfu(1000.0, 4e8, 0.0))
+
+
+def test_base_parameters_count_a_tied_embedding_once(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    unique = sum(p.numel() for p in model.parameters())
+    assert bench.count_base_params(str(tiny_model_dir)) == unique
+    assert unique == sum(p.numel() for _, p in model.named_parameters()) < unique + model.lm_head.weight.numel()
+
+
+def test_summarize_steps_leaves_out_warm_up_and_averages_the_last_quarter():
+    steps = [{"tokens": 100, "seconds": 10.0, "loss": 4.0}, {"tokens": 100, "seconds": 5.0, "loss": 3.0}] + \
+            [{"tokens": 200, "seconds": 1.0, "loss": float(k)} for k in range(8)]
+    s = bench.summarize_steps(steps)
+    assert s["tokens_per_s"] == pytest.approx(200.0) and s["measured_steps"] == 8
+    assert s["tokens_total"] == 1800 and s["tokens_per_step"] == 180.0 and s["train_s"] == 23.0
+    assert s["loss"] == pytest.approx((5 + 6 + 7) / 3)  # ceil(10 x 0.25) = 3 last steps
+
+
+def test_loss_at_equal_tokens_compares_bigger_steps_at_the_same_token_count():
+    small = [{"tokens": 100, "loss": 10.0 - k} for k in range(8)]  # 800 tokens
+    big = [{"tokens": 200, "loss": 10.0 - k} for k in range(8)]  # 1600 tokens
+    assert bench.loss_at_tokens(small, 800) == pytest.approx((4 + 3) / 2)  # cumulative 700 and 800 are > 600
+    assert bench.loss_at_tokens(big, 800) == pytest.approx(7.0)  # only cumulative 800 is in (600, 800]
+    assert bench.loss_at_tokens([{"tokens": 1000, "loss": 2.0}], 800) == 2.0  # first step already past the window
+
+
+def test_bench_config_from_flags():
+    assert (bench.bench_config().steps, bench.bench_config().max_length) == (30, 512)
+    quick = bench.bench_config(quick=True)
+    assert (quick.steps, quick.max_length, quick.systems) == (8, 256, ("seed", "trl", "medtune"))
+    assert bench.bench_config(quick=True, steps=5, max_length=128).steps == 5
+    assert bench.bench_config(systems="medtune, seed,medtune").systems == ("medtune", "seed")
+    with pytest.raises(MedtuneError, match="unknown system"):
+        bench.bench_config(systems="seed,unsloth")
+    with pytest.raises(MedtuneError, match="at least 3"):
+        bench.bench_config(steps=2)
+
+
+def test_a_failing_worker_is_an_error_result_not_a_crash():
+    res, wall = bench.run_subprocess([sys.executable, "-c", "import sys; print('noise'); "
+                                      "print('ValueError: boom', file=sys.stderr); sys.exit(3)"])
+    assert res["error"] == "exit code 3: ValueError: boom" and wall > 0
+    res, _ = bench.run_subprocess([sys.executable, "-c", "import json; print('log line'); "
+                                   "print(json.dumps({'system': 'trl', 'error': 'OSError: no'})); raise SystemExit(1)"])
+    assert res == {"system": "trl", "error": "OSError: no"}
+    res, _ = bench.run_subprocess([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.5)
+    assert res["error"].startswith("timed out")
+
+
+def test_a_worker_catches_its_own_failure(tmp_path):
+    res = bench.run_worker("medtune", {"model_dir": str(tmp_path / "missing")})  # KeyError before any import cost
+    assert res["system"] == "medtune" and res["error"].startswith("KeyError") and res["peak_rss_mb"] > 0
