@@ -188,6 +188,28 @@ def load_base_model(model_dir: str, *, dtype: torch.dtype, device: torch.device,
     return model
 
 
+class FastDropout(torch.nn.Module):
+    """Inverted dropout whose mask costs one 64-bit random number per four elements (16-bit resolution of p).
+
+    On CPU, `nn.Dropout`'s per-element Bernoulli draws are the single largest non-matmul cost of a LoRA step
+    (4 dropouts per layer, one per adapted projection): measured 7.6 ms vs 2.6 ms for a (4, 512, 576) bf16
+    input, about 8% of a SmolLM2 step. Same distribution up to p's rounding to 1/65536."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.threshold = -32768 + round(p * 65536)  # keep where a uniform int16 ≥ threshold
+        self.scale = 1.0 / (1.0 - p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = x.numel()
+        bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+        keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
+        return x * keep * self.scale
+
+
 def add_lora(model, lora, *, gradient_checkpointing: bool = False, quantized: bool = False, autocast: bool = False):
     """Wrap the base in peft LoRA adapters; only the adapters train (kept in fp32).
 
@@ -214,6 +236,13 @@ def add_lora(model, lora, *, gradient_checkpointing: bool = False, quantized: bo
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
+    if lora.dropout > 0 and next(model.parameters()).device.type == "cpu":
+        for module in model.modules():
+            drop = getattr(module, "lora_dropout", None)
+            if isinstance(drop, torch.nn.ModuleDict):
+                for name, d in drop.items():
+                    if isinstance(d, torch.nn.Dropout):
+                        drop[name] = FastDropout(d.p)
     if quantized:
         disable_bnb_cpu_inference_path(model)
     return model

@@ -91,8 +91,9 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps used for warm-up.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 = no clipping.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
-    packing: bool = Field(False, description="Pack several examples into each row without padding (position ids restart "
-                          "per example, no attention across them). Faster on short examples.")
+    packing: bool = Field(True, description="Pack several examples into each row of max_length (position ids restart "
+                          "per example, no attention across them): no compute spent on padding. batch_size then counts "
+                          "rows. false = one padded example per row.")
     group_by_length: bool = Field(False, description="Batch examples of similar length together: less padding.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 where the hardware has fast bf16 "
                                                         "(AMX/AVX512-BF16 CPUs, Ampere+ GPUs), else fp32. LoRA weights, "

@@ -138,6 +138,7 @@ def test_summarize_steps_leaves_out_warm_up_and_averages_the_last_quarter():
     assert s["tokens_per_s"] == pytest.approx(200.0) and s["measured_steps"] == 8
     assert s["tokens_total"] == 1800 and s["tokens_per_step"] == 180.0 and s["train_s"] == 23.0
     assert s["loss"] == pytest.approx((5 + 6 + 7) / 3)  # ceil(10 x 0.25) = 3 last steps
+    assert s["tokens_per_s_median"] == pytest.approx(200.0)
 
 
 def test_loss_at_equal_tokens_compares_bigger_steps_at_the_same_token_count():
@@ -174,3 +175,15 @@ def test_a_failing_worker_is_an_error_result_not_a_crash():
 def test_a_worker_catches_its_own_failure(tmp_path):
     res = bench.run_worker("medtune", {"model_dir": str(tmp_path / "missing")})  # KeyError before any import cost
     assert res["system"] == "medtune" and res["error"].startswith("KeyError") and res["peak_rss_mb"] > 0
+
+
+def test_the_json_file_is_strict_json():
+    assert bench.finite({"loss": float("nan"), "steps": [{"s": float("inf")}, 1.5]}) == {"loss": None,
+                                                                                       "steps": [{"s": None}, 1.5]}
+
+
+def test_the_peak_is_the_best_of_the_runs():
+    best = bench.best_peak([{"bf16_tflops": 0.2, "fp32_tflops": 0.18}, {"bf16_tflops": 0.42, "fp32_tflops": 0.09},
+                            {"error": "exit code 1: killed"}])
+    assert (best["bf16_tflops"], best["fp32_tflops"], len(best["runs"])) == (0.42, 0.18, 3) and "error" not in best
+    assert bench.best_peak([{"error": "boom"}])["error"] == "boom"

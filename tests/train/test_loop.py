@@ -23,7 +23,7 @@ def tiny_recipe(model_dir, out, *extra):
     return load_recipe(None, [f"model={model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa",
                               "data.limit=24", "data.max_length=128", "data.eval_ratio=0.25", "train.max_steps=5",
                               "train.batch_size=4", "train.precision=fp32", "train.logging_steps=1", "train.lr=1e-2",
-                              "lora.dropout=0", "lora.r=4", "train.seed=42", *extra])
+                              "lora.dropout=0", "lora.r=4", "train.seed=42", "train.packing=false", *extra])
 
 
 def losses(run_dir) -> list[float]:
