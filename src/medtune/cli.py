@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import textwrap
 from pathlib import Path
@@ -137,6 +138,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_bench_train(args) -> int:
+    from medtune.bench.train import bench_config, format_table, run_bench
+
+    cfg = bench_config(steps=args.steps, model=args.model, data=args.data, quick=args.quick,
+                       max_length=args.max_length, batch_size=args.batch_size, systems=args.systems)
+    result = run_bench(cfg, json_path=args.json, command=shlex.join(["medtune", *sys.argv[1:]]))
+    print(format_table(result))
+    if args.json:
+        print(f"\nresults: {args.json}")
+    return 1 if any(s.get("error") for s in result["systems"].values()) else 0
+
+
 def _print_side_by_side(samples: list[dict], width: int = 60) -> None:
     for s in samples:
         print(f"\n### {s['prompt']}")
@@ -202,6 +215,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="benchmarks on this machine: medtune against the seed recipe and TRL")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
+    q = bench_sub.add_parser("train", help="tokens/s, peak memory, loss and MFU of seed, TRL and medtune training",
+                             description="Train the same model on the same texts for the same number of steps with "
+                             "the seed notebooks' TRL recipe (seed), TRL's fastest CPU setup (trl) and medtune's own "
+                             "loop (medtune), each in its own process, and print them side by side. See bench/README.md.")
+    q.add_argument("--steps", type=int, default=None, help="optimizer steps per system (default 30, --quick 8); "
+                   "the first 2 are warm-up and left out of tokens/s")
+    q.add_argument("--model", default=None, help="model name or folder (default smollm2-135m-instruct)")
+    q.add_argument("--data", default=None, help="rows with page_title/page_text (or text); default "
+                   "../shared/data/train/medical_terms.jsonl, else demo:terms")
+    q.add_argument("--quick", action="store_true", help="smoke run: 8 steps at max length 256")
+    q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
+    q.add_argument("--max-length", type=int, default=None, help="longest example in tokens (default 512, --quick 256)")
+    q.add_argument("--batch-size", type=int, default=4, help="examples (TRL packing: packed rows) per step")
+    q.add_argument("--systems", default="seed,trl,medtune", help="comma-separated subset of seed,trl,medtune, "
+                   "run in this order")
+    q.set_defaults(func=cmd_bench_train)
     return parser
 
 

@@ -187,3 +187,24 @@ def test_the_peak_is_the_best_of_the_runs():
                             {"error": "exit code 1: killed"}])
     assert (best["bf16_tflops"], best["fp32_tflops"], len(best["runs"])) == (0.42, 0.18, 3) and "error" not in best
     assert bench.best_peak([{"error": "boom"}])["error"] == "boom"
+
+
+def test_sigterm_kills_the_running_worker_instead_of_orphaning_it(monkeypatch, tmp_path):
+    import os
+    import signal
+    import threading
+
+    pid_file = tmp_path / "worker.pid"
+    script = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+
+    def fake_run(cfg, **kwargs):
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return bench.run_subprocess([sys.executable, "-c", script])
+
+    monkeypatch.setattr(bench, "_run_bench", fake_run)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stop:
+        bench.run_bench(bench.BenchConfig())
+    assert stop.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) == before
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)  # killed and reaped

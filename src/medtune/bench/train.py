@@ -40,10 +40,12 @@ import platform
 import random
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -462,6 +464,23 @@ def machine_info() -> dict:
 
 def run_bench(cfg: BenchConfig, *, json_path: str | Path | None = None, command: str | None = None) -> dict:
     """Run every chosen system in its own subprocess, one after another; return (and optionally write) the results."""
+    # SIGTERM becomes SystemExit, so the running worker is killed (subprocess.run does that on any exception)
+    # and the temp dir removed, instead of leaving an orphan worker training on a busy machine.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run_bench(cfg, json_path=json_path, command=command)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _run_bench(cfg: BenchConfig, *, json_path: str | Path | None, command: str | None) -> dict:
     from transformers import AutoTokenizer
 
     from medtune.models import resolve_model
