@@ -16,15 +16,16 @@ those into tokens/s, loss and MFU, prints a table and, with `--json FILE`, write
 Data: rows of ../shared/data/train/medical_terms.jsonl (or --data, else demo:terms) formatted as the seed does,
 `<s>[INST] Please tell me about {page_title} [/INST] {page_text} </s>`, with the tokenizer's own bos/eos strings in
 place of <s>/</s>. A seeded sample of steps x batch_size rows is written ONCE to a temp .jsonl `text` file that
-all three read, so seed and medtune train on exactly the same examples, once each (one epoch = the run). Each
-text trains on all of its tokens and is truncated at max_length by each system.
+all three read: a system that batches by example trains on exactly that sample, once (one epoch = the run); a
+system that packs (TRL here; medtune with train.packing) fits ~2 texts into a 512-token row, so it goes round
+the same sample ~2 times in the same number of steps. Each text trains on all of its tokens and is truncated at
+max_length by each system.
 
 Measures: useful tokens/s = non-pad tokens / wall time of the steps after the first 2 (warm-up); peak RSS of the
 worker; mean loss over the last 25% of steps, and the loss at equal tokens (the steps where the cumulative token
-count is in the last quarter of the smallest system's total: packed TRL rows carry ~2 texts each at 512 tokens,
-so TRL sees more tokens per step and repeats the sample); wall time of the worker; MFU = tokens/s x 4 x base
-parameters / the matmul peak measured on the spot before and after the workers, the higher kept (bf16 and fp32;
-`medtune.bench.peak`).
+count is in the last quarter of the smallest system's total, where every system has seen each text once); wall
+time of the worker; MFU = tokens/s x 4 x base parameters / the matmul peak measured on the spot before and after
+the workers, the higher of the two kept (bf16 and fp32; `medtune.bench.peak`).
 
 Threads: workers keep torch's default (one per core; OMP_NUM_THREADS is respected if set) and nothing else.
 """
