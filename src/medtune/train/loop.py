@@ -124,7 +124,7 @@ def _pick_run_dir(recipe: Recipe) -> Path:
     return candidate
 
 
-def _save_run_files(run_dir: Path, recipe: Recipe, tok, chat: ChatSetup, model_dir: str, model) -> None:
+def _save_run_files(run_dir: Path, recipe: Recipe, tok, chat: ChatSetup, model_dir: str) -> None:
     """Everything later commands need to reload the run exactly as trained."""
     from transformers import GenerationConfig
 
@@ -201,7 +201,7 @@ def run_training(recipe: Recipe) -> TrainResult:
         tracker.log({"eval_loss": base["eval_loss"], "eval_ppl": base["eval_ppl"]}, step=0)
 
     # ---- train ---------------------------------------------------------------------------------------------
-    _save_run_files(run_dir, recipe, tok, chat, model_dir, model)
+    _save_run_files(run_dir, recipe, tok, chat, model_dir)
     model.train()
     batches = _micro_batches(data, plan, chat.pad_token_id, recipe.tokenizer.padding_side, state.step * cfg.grad_accum)
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
