@@ -149,6 +149,16 @@ def test_loss_at_equal_tokens_compares_bigger_steps_at_the_same_token_count():
     assert bench.loss_at_tokens([{"tokens": 1000, "loss": 2.0}], 800) == 2.0  # first step already past the window
 
 
+def test_losses_are_weighted_by_tokens():
+    # a full step and the short last step of an epoch: the short one weighs by its tokens, not as a whole step
+    steps = [{"tokens": 900, "seconds": 1.0, "loss": 2.0}] * 3 + [{"tokens": 300, "seconds": 1.0, "loss": 4.0}]
+    assert bench.summarize_steps(steps)["loss"] == pytest.approx(4.0)  # ceil(4 x 0.25) = the last step only
+    assert bench.summarize_steps(steps, tail=0.5)["loss"] == pytest.approx((900 * 2.0 + 300 * 4.0) / 1200)
+    # cumulative 1800, 2700 and 3000 are in (1500, 3000]
+    assert bench.loss_at_tokens(steps, 3000, tail=0.5) == pytest.approx((1800 * 2.0 + 300 * 4.0) / 2100)
+    assert math.isnan(bench.token_mean([{"tokens": 0, "loss": 1.0}]))
+
+
 def test_bench_config_from_flags():
     assert (bench.bench_config().steps, bench.bench_config().max_length) == (30, 512)
     quick = bench.bench_config(quick=True)

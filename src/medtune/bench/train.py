@@ -22,7 +22,7 @@ the same sample ~2 times in the same number of steps. Each text trains on all of
 max_length by each system.
 
 Measures: useful tokens/s = non-pad tokens / wall time of the steps after the first 2 (warm-up); peak RSS of the
-worker; mean loss over the last 25% of steps, and the loss at equal tokens (the steps where the cumulative token
+worker; token-weighted mean loss over the last 25% of steps, and the loss at equal tokens (the steps where the cumulative token
 count is in the last quarter of the smallest system's total, where every system has seen each text once); wall
 time of the worker; MFU = tokens/s x 4 x base parameters / the matmul peak measured on the spot before and after
 the workers, the higher of the two kept (bf16 and fp32; `medtune.bench.peak`).
@@ -204,13 +204,13 @@ def mfu(tokens_per_s: float, flops_per_tok: float, peak_tflops: float) -> float:
 
 
 def summarize_steps(steps: list[dict], warmup: int = WARMUP_STEPS, tail: float = LOSS_TAIL) -> dict:
-    """Per-step {tokens, seconds, loss} → tokens/s after warm-up, tokens/step, mean loss of the last `tail` share."""
+    """Per-step {tokens, seconds, loss} → tokens/s after warm-up, tokens/step, and the token-weighted mean loss of
+    the last `tail` share of the steps."""
     if not steps:
         raise ValueError("no steps recorded")
     measured = steps[warmup:] if len(steps) > warmup else steps
     seconds = sum(s["seconds"] for s in measured)
     k = max(1, math.ceil(len(steps) * tail))
-    losses = [s["loss"] for s in steps[-k:] if s.get("loss") is not None]
     total = sum(s["tokens"] for s in steps)
     rates = sorted(s["tokens"] / s["seconds"] for s in measured if s["seconds"] > 0)
     return {"tokens_per_s": sum(s["tokens"] for s in measured) / seconds if seconds > 0 else float("nan"),
@@ -218,12 +218,21 @@ def summarize_steps(steps: list[dict], warmup: int = WARMUP_STEPS, tail: float =
             "tokens_per_s_median": statistics.median(rates) if rates else float("nan"),
             "tokens_per_step": total / len(steps), "tokens_total": total, "measured_steps": len(measured),
             "train_s": sum(s["seconds"] for s in steps),
-            "loss": sum(losses) / len(losses) if losses else float("nan")}
+            "loss": token_mean(steps[-k:])}
+
+
+def token_mean(steps: list[dict]) -> float:
+    """Token-weighted mean loss of these steps (each step's loss is already a mean over its tokens), so a short
+    last step of an epoch does not weigh as much as a full one."""
+    pairs = [(s["loss"], s["tokens"]) for s in steps if s.get("loss") is not None and s["tokens"] > 0]
+    tokens = sum(n for _, n in pairs)
+    return sum(loss * n for loss, n in pairs) / tokens if tokens else float("nan")
 
 
 def loss_at_tokens(steps: list[dict], budget: float, tail: float = LOSS_TAIL) -> float:
-    """Mean loss of the steps whose cumulative token count lies in the last `tail` share of `budget` tokens (at
-    least the first step that reaches the window), so systems with different tokens/step compare at equal tokens."""
+    """Token-weighted mean loss of the steps whose cumulative token count lies in the last `tail` share of `budget`
+    tokens (at least the first step that reaches the window), so systems with different tokens/step compare at
+    equal tokens."""
     lo = budget * (1 - tail)
     cum, window, first_past = 0, [], None
     for s in steps:
@@ -231,12 +240,12 @@ def loss_at_tokens(steps: list[dict], budget: float, tail: float = LOSS_TAIL) ->
         if s.get("loss") is None:
             continue
         if lo < cum <= budget:
-            window.append(s["loss"])
+            window.append(s)
         if cum > lo and first_past is None:
-            first_past = s["loss"]
+            first_past = s
     if not window and first_past is not None:
         window = [first_past]
-    return sum(window) / len(window) if window else float("nan")
+    return token_mean(window)
 
 
 # ---- workers (run in their own process) -----------------------------------------------------------------------
