@@ -150,6 +150,16 @@ def cmd_bench_train(args) -> int:
     return 1 if any(s.get("error") for s in result["systems"].values()) else 0
 
 
+def cmd_bench_scale(args) -> int:
+    from medtune.bench.scale import format_table, run_scale, scale_config
+
+    cfg = scale_config(widths=args.widths, methods=args.methods, lengths=args.lengths, steps=args.steps,
+                       quick=args.quick)
+    result = run_scale(cfg, json_path=args.json, plot_path=args.plot, command=shlex.join(["medtune", *sys.argv[1:]]))
+    print(format_table(result))
+    return 1 if any(r.get("error") for r in result["rows"]) else 0
+
+
 def _print_side_by_side(samples: list[dict], width: int = 60) -> None:
     for s in samples:
         print(f"\n### {s['prompt']}")
@@ -231,9 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
     q.add_argument("--max-length", type=int, default=None, help="longest example in tokens (default 512, --quick 256)")
     q.add_argument("--batch-size", type=int, default=4, help="examples (TRL packing: packed rows) per step")
-    q.add_argument("--systems", default="seed,trl,medtune", help="comma-separated subset of seed,trl,medtune, "
+    q.add_argument("--systems", default="seed,trl,medtune,qlora", help="comma-separated subset of seed,trl,medtune,qlora, "
                    "run in this order")
     q.set_defaults(func=cmd_bench_train)
+    q = bench_sub.add_parser("scale", help="tokens/s and where memory goes, by sequence length and model width",
+                             description="Train random-init LLaMA models shaped like SmolLM2-135M, -360M and a ~1B "
+                             "model with medtune's step (LoRA and QLoRA) at several sequence lengths, each in its own "
+                             "process; print tokens/s and peak memory split into runtime, weights, LoRA+optimizer, "
+                             "activations and logits. See bench/README.md.")
+    q.add_argument("--widths", default=None, help="comma-separated subset of 135m,360m,1b (default all)")
+    q.add_argument("--methods", default=None, help="comma-separated subset of lora,qlora (default both)")
+    q.add_argument("--lengths", default=None, help="comma-separated sequence lengths (default 256,512,1024,2048)")
+    q.add_argument("--steps", type=int, default=3, help="steps per configuration; the first is warm-up")
+    q.add_argument("--quick", action="store_true", help="smoke run: 135m, lengths 256,512, 2 steps")
+    q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
+    q.add_argument("--plot", metavar="FILE.png", default=None, help="also draw tokens/s and peak memory to FILE.png")
+    q.set_defaults(func=cmd_bench_scale)
     return parser
 
 

@@ -26,7 +26,7 @@ def tiny_bench(tiny_model_dir, tmp_path_factory) -> dict:
 
 def test_every_system_trains_and_reports(tiny_bench):
     systems = tiny_bench["systems"]
-    assert list(systems) == ["seed", "trl", "medtune"]
+    assert list(systems) == ["seed", "trl", "medtune", "qlora"]
     for name, s in systems.items():
         assert not s.get("error"), f"{name}: {s.get('error')}\n{s.get('stderr_tail', '')}"
         assert s["tokens_per_s"] > 0 and s["peak_rss_mb"] > 0 and s["wall_s"] > 0, name
@@ -37,12 +37,13 @@ def test_every_system_trains_and_reports(tiny_bench):
     assert systems["seed"]["setup"]["sampling"] == "group_by_length"
     assert systems["trl"]["sft_config"]["packing"] and systems["trl"]["sft_config"]["padding_free"]
     assert systems["trl"]["sft_config"]["bf16"] and not systems["trl"]["sft_config"]["gradient_checkpointing"]
-    for key in ("speedup_vs_seed", "speedup_vs_trl", "peak_bf16_tflops", "peak_fp32_tflops"):
+    assert systems["qlora"]["setup"]["base"] == "4-bit NF4" and systems["medtune"]["setup"]["base"] != "4-bit NF4"
+    for key in ("speedup_vs_seed", "speedup_vs_trl", "qlora_vs_lora", "peak_bf16_tflops", "peak_fp32_tflops"):
         assert tiny_bench[key] > 0, key
     assert tiny_bench["machine"]["torch_threads"] >= 1 and tiny_bench["command"] == "pytest"
 
 
-def test_the_three_systems_train_on_the_same_tokens(tiny_bench):
+def test_every_system_trains_on_the_same_tokens(tiny_bench):
     systems = tiny_bench["systems"]
     per_step = {name: s["tokens_per_step"] for name, s in systems.items()}
     # 12 texts, 3 steps of 4: at max_length 64 every text fills a row on its own, so padded and packed systems
@@ -54,7 +55,8 @@ def test_the_three_systems_train_on_the_same_tokens(tiny_bench):
 
 def test_the_table_shows_every_system(tiny_bench):
     table = bench.format_table(tiny_bench)
-    for word in ("seed", "trl", "medtune", "tokens/s", "peak RSS MB", "MFU bf16 %", "MFU fp32 %", "medtune/seed"):
+    for word in ("seed", "trl", "medtune", "qlora", "tokens/s", "peak RSS MB", "MFU bf16 %", "MFU fp32 %",
+                 "medtune/seed", "qlora/medtune"):
         assert word in table
 
 
@@ -162,7 +164,7 @@ def test_losses_are_weighted_by_tokens():
 def test_bench_config_from_flags():
     assert (bench.bench_config().steps, bench.bench_config().max_length) == (30, 512)
     quick = bench.bench_config(quick=True)
-    assert (quick.steps, quick.max_length, quick.systems) == (8, 256, ("seed", "trl", "medtune"))
+    assert (quick.steps, quick.max_length, quick.systems) == (8, 256, ("seed", "trl", "medtune", "qlora"))
     assert bench.bench_config(quick=True, steps=5, max_length=128).steps == 5
     assert bench.bench_config(systems="medtune, seed,medtune").systems == ("medtune", "seed")
     with pytest.raises(MedtuneError, match="unknown system"):

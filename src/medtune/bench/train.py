@@ -12,6 +12,8 @@ those into tokens/s, loss and MFU, prints a table and, with `--json FILE`, write
            no gradient checkpointing; same LoRA shape and batch settings.
   medtune  `medtune.train.loop.run_training` with the same LoRA shape, batch, length and lr, otherwise medtune's
            defaults (precision auto, ...): whatever the owned loop does by default is what is measured.
+  qlora    the same medtune run on a 4-bit base (bitsandbytes NF4, double quantisation): QLoRA's speed and memory
+           next to LoRA's (`qlora_vs_lora` in the results).
 
 Data: rows of ../shared/data/train/medical_terms.jsonl (or --data, else demo:terms) formatted as the seed does,
 `<s>[INST] Please tell me about {page_title} [/INST] {page_text} </s>`, with the tokenizer's own bos/eos strings in
@@ -57,7 +59,7 @@ from medtune.recipe import DEFAULT_MODEL
 
 log = logging.getLogger("medtune")
 
-SYSTEMS = ("seed", "trl", "medtune")
+SYSTEMS = ("seed", "trl", "medtune", "qlora")
 DEFAULT_STEPS = 30
 QUICK_STEPS = 8
 DEFAULT_MAX_LENGTH = 512
@@ -348,7 +350,7 @@ def _trl_worker(system: str, cfg: dict) -> dict:
                                     "train_sampling_strategy", "group_by_length", "optim", "max_length")}}
 
 
-def _medtune_worker(cfg: dict) -> dict:
+def _medtune_worker(cfg: dict, quantized: bool = False) -> dict:
     import torch
 
     from medtune.models import bf16_supported
@@ -362,6 +364,8 @@ def _medtune_worker(cfg: dict) -> dict:
                  f"train.seed={cfg['seed']}", f"lora.r={cfg['lora_r']}", f"lora.alpha={cfg['lora_alpha']}",
                  f"lora.dropout={cfg['lora_dropout']}", f"lora.target_modules=[{', '.join(cfg['target_modules'])}]",
                  "train.eval_before=false", "train.logging_steps=1", "samples.prompts=[]", f"output_dir={out}"]
+    if quantized:
+        overrides += ["quant.load_in_4bit=true", "quant.quant_type=nf4", "quant.double_quant=true"]
     recipe = load_recipe(None, overrides)
     result = run_training(recipe)
     steps = medtune_steps(result.run_dir / "metrics.jsonl")
@@ -372,7 +376,7 @@ def _medtune_worker(cfg: dict) -> dict:
     setup = {"precision": precision, "batches": "packed" if t.packing else "padded",
              "sampling": "group_by_length" if t.group_by_length else "random",
              "gradient_checkpointing": t.gradient_checkpointing, "attn_implementation": recipe.attn_implementation,
-             "optimizer": t.optimizer}
+             "optimizer": t.optimizer, "base": "4-bit NF4" if quantized else "bf16/fp32"}
     return {"steps": steps, "setup": setup, "threads": torch.get_num_threads(), "overrides": overrides}
 
 
@@ -396,7 +400,10 @@ def medtune_steps(metrics_file: Path) -> list[dict]:
 def run_worker(system: str, cfg: dict) -> dict:
     start = time.perf_counter()
     try:
-        out = _medtune_worker(cfg) if system == "medtune" else _trl_worker(system, cfg)
+        if system in ("medtune", "qlora"):
+            out = _medtune_worker(cfg, quantized=system == "qlora")
+        else:
+            out = _trl_worker(system, cfg)
     except Exception as e:  # reported in the JSON; the other systems still run
         traceback.print_exc()
         out = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
@@ -598,6 +605,7 @@ def assemble(systems: dict[str, dict], peak: dict, *, cfg: BenchConfig, base_par
     return {"systems": systems,
             "speedup_vs_seed": _ratio(systems.get("medtune"), systems.get("seed")),
             "speedup_vs_trl": _ratio(systems.get("medtune"), systems.get("trl")),
+            "qlora_vs_lora": _ratio(systems.get("qlora"), systems.get("medtune")),
             "peak_bf16_tflops": peak.get("bf16_tflops"), "peak_fp32_tflops": peak.get("fp32_tflops"),
             "base_params": base_params, "flops_per_token": fpt, "equal_tokens_budget": budget,
             "config": {**asdict(cfg), "model_dir": model_dir, "data": data_spec, "warmup_steps": WARMUP_STEPS},
@@ -630,6 +638,8 @@ def format_table(result: dict) -> str:
                      f"{_fmt(s.get('mfu_fp32_pct'), '10.2f')} {_fmt(s['wall_s'], '7.0f')}")
     ratios = [f"medtune/{k} {_fmt(result[f'speedup_vs_{k}'], '.2f')}x" for k in ("seed", "trl")
               if result.get(f"speedup_vs_{k}") is not None]
+    if result.get("qlora_vs_lora") is not None:
+        ratios.append(f"qlora/medtune {_fmt(result['qlora_vs_lora'], '.2f')}x")
     if ratios:
         lines += ["", "tokens/s: " + ", ".join(ratios)]
     return "\n".join(lines)
