@@ -160,6 +160,18 @@ def cmd_bench_scale(args) -> int:
     return 1 if any(r.get("error") for r in result["rows"]) else 0
 
 
+def cmd_bench_generate(args) -> int:
+    from medtune.bench.generate import format_table, run_bench
+
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    if not systems or any(s not in ("pipeline", "medtune") for s in systems):
+        raise MedtuneError(f"choose from pipeline,medtune, got {args.systems!r}", field="--systems")
+    result = run_bench(model=args.model, max_new_tokens=args.max_new_tokens, systems=systems, json_path=args.json,
+                       command=shlex.join(["medtune", *sys.argv[1:]]))
+    print(format_table(result))
+    return 1 if any(s.get("error") for s in result["systems"].values()) else 0
+
+
 def _print_side_by_side(samples: list[dict], width: int = 60) -> None:
     for s in samples:
         print(f"\n### {s['prompt']}")
@@ -257,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
     q.add_argument("--plot", metavar="FILE.png", default=None, help="also draw tokens/s and peak memory to FILE.png")
     q.set_defaults(func=cmd_bench_scale)
+    q = bench_sub.add_parser("generate", help="answer tokens/s and time to first token: transformers pipeline vs medtune",
+                             description="Answer the same medical prompts greedily with the seed notebooks' "
+                             "transformers pipeline and with medtune's generate, each in its own process, and print "
+                             "tokens/s, decode tokens/s and time to first token side by side. See bench/README.md.")
+    q.add_argument("--model", default="smollm2-135m-instruct", help="model name or folder (a run directory with "
+                   "--systems medtune)")
+    q.add_argument("--max-new-tokens", type=int, default=128, help="longest answer per prompt")
+    q.add_argument("--systems", default="pipeline,medtune", help="comma-separated subset of pipeline,medtune")
+    q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
+    q.set_defaults(func=cmd_bench_generate)
     return parser
 
 

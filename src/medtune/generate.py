@@ -106,8 +106,10 @@ class _CallbackStreamer:
 
 @torch.inference_mode()
 def generate(loaded: Loaded, messages: list[dict[str, str]], *, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, use_adapter: bool = True, on_text: Callable[[str], None] | None = None) -> str:
-    """One answer to a conversation; greedy when temperature is 0. Streams text pieces to `on_text`."""
+             top_p: float = 1.0, use_adapter: bool = True, on_text: Callable[[str], None] | None = None,
+             streamer=None) -> str:
+    """One answer to a conversation; greedy when temperature is 0. Streams text pieces to `on_text`, or token ids
+    to a transformers-style `streamer` (put/end; its first put is the prompt)."""
     ids = prompt_ids(loaded.tok, messages, loaded.max_length)
     device = next(loaded.model.parameters()).device
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.stop_token_ids, pad_token_id=loaded.pad_token_id,
@@ -116,7 +118,8 @@ def generate(loaded: Loaded, messages: list[dict[str, str]], *, max_new_tokens: 
         kwargs.update(temperature=temperature, top_p=top_p)
     adapter_off = loaded.model.disable_adapter() if (loaded.has_adapter and not use_adapter) else nullcontext()
     autocast = (torch.autocast(device.type, dtype=loaded.autocast) if loaded.autocast is not None else nullcontext())
-    streamer = _CallbackStreamer(loaded.tok, on_text) if on_text else None
+    if streamer is None and on_text:
+        streamer = _CallbackStreamer(loaded.tok, on_text)
     with adapter_off, autocast:
         out = loaded.model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                                     streamer=streamer, **kwargs)

@@ -1,0 +1,183 @@
+"""`medtune bench generate`: answer speed of medtune's `generate` next to the seed notebooks' transformers pipeline.
+
+Both systems answer the same medical prompts, greedily, up to the same number of new tokens, each in its OWN
+subprocess (`python -m medtune.bench.generate --worker SYSTEM --config JSON`), one after another:
+
+  pipeline  what seed 001 does after training: `transformers.pipeline("text-generation")` on the model as
+            loaded by default (fp32 on CPU), the prompt in the model's chat template.
+  medtune   `medtune.generate.generate` on `load_for_inference` (bf16 where the CPU supports it), the run's or
+            model's chat template and stop tokens.
+
+For each prompt: time to first token (TTFT: from the call to the first new token reaching the streamer) and total
+time; tokens/s = new tokens / total time, decode tokens/s = (new tokens - 1) / (total - TTFT). The first prompt
+is answered once before timing (warm-up). Both stop at the template's end-of-turn token, so the number of new
+tokens can differ a little between systems: the table shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+import time
+
+from medtune.bench.train import _json_default, _peak_rss_mb, _worker_env, finite, machine_info, run_subprocess
+from medtune.errors import MedtuneError
+from medtune.recipe import DEFAULT_MODEL
+
+log = logging.getLogger("medtune")
+
+SYSTEMS = ("pipeline", "medtune")
+PROMPTS = (
+    "Please tell me about Bursitis.",
+    "Explain in detail how type 2 diabetes is diagnosed and treated.",
+    "What are the warning signs of a stroke, and what should someone do?",
+    "Describe the difference between a viral and a bacterial infection.",
+    "How does high blood pressure damage the body over time?",
+)
+
+
+class _TokenClock:
+    """A generate() streamer that counts new tokens and notes when the first arrives (the first put is the prompt)."""
+
+    def __init__(self):
+        self.prompt_seen, self.tokens, self.first = False, 0, None
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.tokens += value.numel()
+
+    def end(self) -> None:
+        pass
+
+
+def _timed(call) -> tuple[int, float, float]:
+    """(new tokens, time to first token, total time) of one generate-like call that takes a streamer."""
+    clock = _TokenClock()
+    start = time.perf_counter()
+    call(clock)
+    total = time.perf_counter() - start
+    return clock.tokens, (clock.first or start + total) - start, total
+
+
+def run_worker(system: str, cfg: dict) -> dict:
+    import torch
+
+    prompts, n = cfg["prompts"], cfg["max_new_tokens"]
+    if system == "pipeline":
+        from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+        tok = AutoTokenizer.from_pretrained(cfg["model_dir"])
+        if tok.chat_template is None:  # a plain model: the same template medtune would pick, so prompts match
+            from medtune.recipe import TokenizerConfig
+            from medtune.tokenizer import prepare_tokenizer
+
+            prepare_tokenizer(tok, TokenizerConfig())
+        model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], use_safetensors=True)
+        pipe = pipeline("text-generation", model=model, tokenizer=tok)
+
+        def answer(prompt: str) -> tuple[int, float, float]:
+            return _timed(lambda clock: pipe([{"role": "user", "content": prompt}], max_new_tokens=n,
+                                             do_sample=False, streamer=clock, return_full_text=False))
+
+        dtype = str(next(model.parameters()).dtype)
+    else:
+        from medtune.generate import generate, load_for_inference, user_turn
+
+        loaded = load_for_inference(cfg["model_dir"])
+
+        def answer(prompt: str) -> tuple[int, float, float]:
+            return _timed(lambda clock: generate(loaded, user_turn(prompt), max_new_tokens=n, streamer=clock))
+
+        dtype = str(loaded.autocast or next(loaded.model.parameters()).dtype)
+    answer(prompts[0])  # warm-up
+    runs = []
+    for prompt in prompts:
+        tokens, ttft, total = answer(prompt)
+        runs.append({"tokens": tokens, "ttft_s": ttft, "total_s": total})
+    return {"runs": runs, "dtype": dtype, "threads": torch.get_num_threads()}
+
+
+def summarize(runs: list[dict]) -> dict:
+    tokens = sum(r["tokens"] for r in runs)
+    total = sum(r["total_s"] for r in runs)
+    decode = sum(r["total_s"] - r["ttft_s"] for r in runs)
+    return {"new_tokens": tokens, "tokens_per_s": tokens / total if total else float("nan"),
+            "decode_tokens_per_s": sum(max(r["tokens"] - 1, 0) for r in runs) / decode if decode else float("nan"),
+            "ttft_ms_median": 1000 * statistics.median(r["ttft_s"] for r in runs)}
+
+
+def run_bench(*, model: str = DEFAULT_MODEL, max_new_tokens: int = 128, prompts: tuple[str, ...] = PROMPTS,
+              systems: tuple[str, ...] = SYSTEMS, json_path=None, command: str | None = None,
+              timeout: float | None = None) -> dict:
+    from medtune.generate import is_run_dir
+    from medtune.models import resolve_model
+
+    if max_new_tokens < 2:
+        raise MedtuneError("must be at least 2", field="--max-new-tokens")
+    if is_run_dir(model) and "pipeline" in systems:
+        raise MedtuneError("the pipeline baseline needs a plain model; give a model name or folder", file=model)
+    model_dir = model if is_run_dir(model) else resolve_model(model)
+    cfg = {"model_dir": model_dir, "prompts": list(prompts), "max_new_tokens": max_new_tokens}
+    results: dict[str, dict] = {}
+    for system in systems:
+        log.info("bench generate: %s ...", system)
+        cmd = [sys.executable, "-m", "medtune.bench.generate", "--worker", system, "--config", json.dumps(cfg)]
+        res, wall = run_subprocess(cmd, env=_worker_env(), timeout=timeout)
+        res["wall_s"] = wall
+        if not res.get("error"):
+            res.update(summarize(res["runs"]))
+        results[system] = res
+    ok = {k: v for k, v in results.items() if not v.get("error")}
+    result = {"systems": results, "config": {**cfg, "model": model, "systems": list(systems)},
+              "machine": machine_info(), "command": command or shlex.join(sys.argv)}
+    if "pipeline" in ok and "medtune" in ok:
+        result["speedup_tokens_per_s"] = ok["medtune"]["tokens_per_s"] / ok["pipeline"]["tokens_per_s"]
+        result["ttft_ratio"] = ok["medtune"]["ttft_ms_median"] / ok["pipeline"]["ttft_ms_median"]
+    if json_path:
+        from pathlib import Path
+
+        Path(json_path).write_text(json.dumps(finite(result), indent=2, default=_json_default) + "\n", encoding="utf-8")
+    return result
+
+
+def format_table(result: dict) -> str:
+    c = result["config"]
+    head = f"{'system':<9} {'dtype':<15} {'new tokens':>10} {'tokens/s':>9} {'decode tok/s':>12} {'TTFT ms':>8} {'peak RSS MB':>11}"
+    lines = [f"medtune bench generate: {c['model']} | {len(c['prompts'])} prompts, greedy, up to "
+             f"{c['max_new_tokens']} new tokens", "", head, "-" * len(head)]
+    for name, s in result["systems"].items():
+        if s.get("error"):
+            lines.append(f"{name:<9} error: {s['error']}")
+            continue
+        lines.append(f"{name:<9} {s['dtype']:<15} {s['new_tokens']:>10} {s['tokens_per_s']:9.1f} "
+                     f"{s['decode_tokens_per_s']:12.1f} {s['ttft_ms_median']:8.0f} {s['peak_rss_mb']:11.0f}")
+    if "speedup_tokens_per_s" in result:
+        lines += ["", f"tokens/s: medtune/pipeline {result['speedup_tokens_per_s']:.2f}x; "
+                      f"time to first token: medtune/pipeline {result['ttft_ratio']:.2f}x"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medtune.bench.generate", description="One `medtune bench generate` worker.")
+    p.add_argument("--worker", required=True, choices=SYSTEMS)
+    p.add_argument("--config", required=True, help="JSON: model_dir, prompts, max_new_tokens")
+    args = p.parse_args(argv)
+    try:
+        result = run_worker(args.worker, json.loads(args.config))
+    except Exception as e:  # reported in the JSON
+        result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+    result["peak_rss_mb"] = _peak_rss_mb()
+    print(json.dumps(result, default=_json_default), flush=True)
+    return 1 if result.get("error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
