@@ -150,6 +150,25 @@ def cmd_bench_train(args) -> int:
     return 1 if any(s.get("error") for s in result["systems"].values()) else 0
 
 
+def cmd_merge(args) -> int:
+    from medtune.export.merge import merge_run
+
+    out = merge_run(args.run, args.out, dtype=args.dtype)
+    print(f"merged model: {out}  (loads with AutoModelForCausalLM.from_pretrained)")
+    print(f"next: medtune chat {shlex.quote(str(out))}    |    medtune export {shlex.quote(str(out))} --format gguf "
+          "--quant q8_0 --out model.gguf")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from medtune.export.gguf import export_gguf
+
+    result = export_gguf(args.model, args.out, quant=args.quant)
+    print(f"GGUF: {result.gguf}\nOllama Modelfile: {result.modelfile}")
+    print(f"next: ollama create my-model -f {shlex.quote(str(result.modelfile))} && ollama run my-model")
+    return 0
+
+
 def _print_side_by_side(samples: list[dict], width: int = 60) -> None:
     for s in samples:
         print(f"\n### {s['prompt']}")
@@ -215,6 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("merge", help="fold a run's adapter into its base model and save a plain model folder",
+                       description="Load the run's base model in full precision (also for QLoRA runs), merge the "
+                       "adapter, save safetensors + tokenizer + generation config + model card.")
+    p.add_argument("run", help="run directory (runs/<name>)")
+    p.add_argument("--out", required=True, help="new folder for the merged model")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight type of the saved model")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="a GGUF file for llama.cpp / Ollama, with an Ollama Modelfile",
+                       description="Convert a run (merged first) or a model folder to GGUF with llama.cpp's own "
+                       "converter (installed once into $MEDTUNE_HOME/tools), and write <out>.Modelfile for Ollama.")
+    p.add_argument("model", help="run directory, merged model folder, or model name")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="export format")
+    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"], help="GGUF weight type")
+    p.add_argument("--out", required=True, help="output .gguf file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks on this machine: medtune against the seed recipe and TRL")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
