@@ -169,6 +169,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from medtune.push import push_run
+
+    url = push_run(args.run, args.repo_id, merged=args.merged, private=args.private, dtype=args.dtype)
+    print(f"pushed {'merged model' if args.merged else 'adapter'} to {args.repo_id}: {url}")
+    return 0
+
+
 def _print_side_by_side(samples: list[dict], width: int = 60) -> None:
     for s in samples:
         print(f"\n### {s['prompt']}")
@@ -251,6 +259,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"], help="GGUF weight type")
     p.add_argument("--out", required=True, help="output .gguf file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="upload a run's adapter (or merged weights), tokenizer and card to the Hub",
+                       description="Upload with huggingface_hub (HF_TOKEN or `hf auth login`; HF_ENDPOINT for a "
+                       "mirror). The model card carries the not-medical-advice notice.")
+    p.add_argument("run", help="run directory (runs/<name>)")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
+    p.add_argument("--merged", action="store_true", help="merge the adapter into the base and upload full weights")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight type with --merged")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("bench", help="benchmarks on this machine: medtune against the seed recipe and TRL")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")

@@ -101,6 +101,8 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
             "max_length": meta.get("max_length")}
     (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
     (tmp / "README.md").write_text(merged_card(run, dtype, NOT_MEDICAL_ADVICE), encoding="utf-8")
+    if (run / "plots").is_dir():  # the card shows them
+        shutil.copytree(run / "plots", tmp / "plots")
     if out.exists():
         out.rmdir()
     tmp.rename(out)
