@@ -169,6 +169,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from medtune.ui import launch_ui
+
+    print(f"medtune ui: open http://{args.host}:{args.port} (Ctrl-C stops). Not medical advice.", flush=True)
+    launch_ui(args.model, host=args.host, port=args.port, share=args.share, device=args.device,
+              template=args.template, system=args.system)
+    return 0
+
+
 def cmd_push(args) -> int:
     from medtune.push import push_run
 
@@ -259,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"], help="GGUF weight type")
     p.add_argument("--out", required=True, help="output .gguf file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ui", help="a web page with base and tuned answers side by side (Gradio)")
+    p.add_argument("model", help="run directory (base vs tuned), or a model name/folder (one answer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to share on your network)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    p.add_argument("--system", default=None, help="system message (default: the run's)")
+    p.add_argument("--template", default="auto", help="chat template for a plain model: auto, chatml, llama2")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("push", help="upload a run's adapter (or merged weights), tokenizer and card to the Hub",
                        description="Upload with huggingface_hub (HF_TOKEN or `hf auth login`; HF_ENDPOINT for a "
