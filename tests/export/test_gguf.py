@@ -259,3 +259,13 @@ def test_q8_0_gguf_agrees_on_top1_tokens(real_converter_home, tmp_path):
             agree, total = agree + int((a == b).sum()), total + a.numel()
     print(f"q8_0 top-1 agreement: {agree}/{total} = {agree / total:.3f}", file=sys.stderr)
     assert agree / total >= 0.95
+
+
+def test_cli_export(tiny_model_dir, tmp_path, fake_converter, capsys):
+    from medtune.cli import main
+
+    assert main(["export", str(tiny_model_dir), "--format", "gguf", "--quant", "bf16", "--out",
+                 str(tmp_path / "m.gguf")]) == 0
+    assert fake_converter.read_text().splitlines()[4] == "bf16"
+    out = capsys.readouterr().out
+    assert f"Ollama Modelfile: {tmp_path / 'm.Modelfile'}" in out and "ollama create" in out

@@ -91,3 +91,13 @@ def test_user_mistakes(tiny_run_dir, tiny_model_dir, tmp_path):
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     with pytest.raises(MedtuneError, match="unknown dtype"):
         merge_run(tiny_run_dir, tmp_path / "b", dtype="int4")
+
+
+def test_cli_merge(tiny_run_dir, tmp_path, capsys):
+    from medtune.cli import main
+
+    assert main(["merge", str(tiny_run_dir), "--out", str(tmp_path / "m"), "--dtype", "fp16"]) == 0
+    assert "merged model: " in capsys.readouterr().out
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"
+    assert main(["merge", str(tmp_path), "--out", str(tmp_path / "n")]) == 2
+    assert capsys.readouterr().err.startswith("medtune: error: ")
