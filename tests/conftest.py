@@ -165,3 +165,18 @@ def write_file(tmp_path) -> Callable[[str, str | bytes], Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A finished 3-step LoRA run on the tiny LLaMA (ChatML, a system prompt, lr high enough to move the adapter).
+    Shared by the shipping tests (merge, export, ui, push); treat it as read-only."""
+    from medtune.recipe import load_recipe
+    from medtune.train.loop import run_training
+
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa",
+                                "data.limit=16", "data.max_length=96", "data.eval_ratio=0", "train.max_steps=3",
+                                "train.batch_size=4", "train.precision=fp32", "train.lr=5e-2", "lora.dropout=0",
+                                "lora.r=4", "train.seed=0", "tokenizer.system_prompt=Answer briefly."])
+    return run_training(recipe).run_dir

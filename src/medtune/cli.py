@@ -172,6 +172,42 @@ def cmd_bench_generate(args) -> int:
     return 1 if any(s.get("error") for s in result["systems"].values()) else 0
 
 
+def cmd_merge(args) -> int:
+    from medtune.export.merge import merge_run
+
+    out = merge_run(args.run, args.out, dtype=args.dtype)
+    print(f"merged model: {out}  (loads with AutoModelForCausalLM.from_pretrained)")
+    print(f"next: medtune chat {shlex.quote(str(out))}    |    medtune export {shlex.quote(str(out))} --format gguf "
+          "--quant q8_0 --out model.gguf")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from medtune.export.gguf import export_gguf
+
+    result = export_gguf(args.model, args.out, quant=args.quant)
+    print(f"GGUF: {result.gguf}\nOllama Modelfile: {result.modelfile}")
+    print(f"next: ollama create my-model -f {shlex.quote(str(result.modelfile))} && ollama run my-model")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from medtune.ui import launch_ui
+
+    print(f"medtune ui: open http://{args.host}:{args.port} (Ctrl-C stops). Not medical advice.", flush=True)
+    launch_ui(args.model, host=args.host, port=args.port, share=args.share, device=args.device,
+              template=args.template, system=args.system)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from medtune.push import push_run
+
+    url = push_run(args.run, args.repo_id, merged=args.merged, private=args.private, dtype=args.dtype)
+    print(f"pushed {'merged model' if args.merged else 'adapter'} to {args.repo_id}: {url}")
+    return 0
+
+
 def _print_side_by_side(samples: list[dict], width: int = 60) -> None:
     for s in samples:
         print(f"\n### {s['prompt']}")
@@ -237,6 +273,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one prompt per line")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("merge", help="fold a run's adapter into its base model and save a plain model folder",
+                       description="Load the run's base model in full precision (also for QLoRA runs), merge the "
+                       "adapter, save safetensors + tokenizer + generation config + model card.")
+    p.add_argument("run", help="run directory (runs/<name>)")
+    p.add_argument("--out", required=True, help="new folder for the merged model")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight type of the saved model")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="a GGUF file for llama.cpp / Ollama, with an Ollama Modelfile",
+                       description="Convert a run (merged first) or a model folder to GGUF with llama.cpp's own "
+                       "converter (installed once into $MEDTUNE_HOME/tools), and write <out>.Modelfile for Ollama.")
+    p.add_argument("model", help="run directory, merged model folder, or model name")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="export format")
+    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"], help="GGUF weight type")
+    p.add_argument("--out", required=True, help="output .gguf file")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ui", help="a web page with base and tuned answers side by side (Gradio)")
+    p.add_argument("model", help="run directory (base vs tuned), or a model name/folder (one answer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to share on your network)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on")
+    p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    p.add_argument("--system", default=None, help="system message (default: the run's)")
+    p.add_argument("--template", default="auto", help="chat template for a plain model: auto, chatml, llama2")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("push", help="upload a run's adapter (or merged weights), tokenizer and card to the Hub",
+                       description="Upload with huggingface_hub (HF_TOKEN or `hf auth login`; HF_ENDPOINT for a "
+                       "mirror). The model card carries the not-medical-advice notice.")
+    p.add_argument("run", help="run directory (runs/<name>)")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
+    p.add_argument("--merged", action="store_true", help="merge the adapter into the base and upload full weights")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight type with --merged")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("bench", help="benchmarks on this machine: medtune against the seed recipe and TRL")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")

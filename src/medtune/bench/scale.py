@@ -34,7 +34,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from medtune.bench.train import _json_default, _worker_env, count_base_params, finite, machine_info, run_subprocess
+from medtune.bench.train import (
+    _json_default,
+    _worker_env,
+    count_base_params,
+    finite,
+    machine_info,
+    run_subprocess,
+)
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 

@@ -1,0 +1,1 @@
+"""Shipping a run: merged weights (merge.py) and GGUF files with an Ollama Modelfile (gguf.py)."""

@@ -1,0 +1,150 @@
+"""`medtune push` against a local stand-in for the Hub that records what it receives (HF_ENDPOINT).
+
+The stand-in implements only what huggingface_hub 2.4 calls for create_repo + upload_folder: repo creation,
+the model card's YAML check, the preupload check (answering "regular" for every file, so contents travel base64 in the commit), and the
+NDJSON commit."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import huggingface_hub.constants
+import pytest
+from safetensors.torch import load as load_safetensors
+
+from medtune.cli import main
+from medtune.errors import MedtuneError
+from medtune.push import push_run
+
+
+class FakeHub(BaseHTTPRequestHandler):
+    requests: list[tuple[str, str, dict]] = []   # (method, path, JSON body or parsed NDJSON lines)
+    files: dict[str, bytes] = {}                   # committed path -> content
+    repos: list[dict] = []
+    refuse: int | None = None                      # answer every request with this status
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.refuse:
+            return self._send(self.refuse, {"error": "Invalid credentials in Authorization header"})
+        auth = self.headers.get("Authorization")
+        if self.path == "/api/repos/create":
+            body = json.loads(raw)
+            FakeHub.repos.append({**body, "auth": auth})
+            FakeHub.requests.append(("POST", self.path, body))
+            return self._send(200, {"url": f"http://{self.headers['Host']}/{body['organization']}/{body['name']}"})
+        if self.path == "/api/validate-yaml":  # the README's front matter
+            FakeHub.requests.append(("POST", self.path, json.loads(raw)))
+            return self._send(200, {"errors": [], "warnings": []})
+        if "/preupload/" in self.path:
+            body = json.loads(raw)
+            FakeHub.requests.append(("POST", self.path, body))
+            return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                              for f in body["files"]]})
+        if "/commit/" in self.path:
+            lines = [json.loads(line) for line in raw.splitlines() if line.strip()]
+            FakeHub.requests.append(("POST", self.path, lines))
+            for line in lines:
+                if line["key"] == "file":
+                    FakeHub.files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+            repo = self.path.removeprefix("/api/models/").split("/commit/")[0]
+            return self._send(200, {"commitUrl": f"http://{self.headers['Host']}/{repo}/commit/{'a' * 40}",
+                                    "commitOid": "a" * 40, "pullRequestUrl": None})
+        FakeHub.requests.append(("POST", self.path, {}))
+        return self._send(404, {"error": "not in the fake hub"})
+
+    def do_GET(self):  # noqa: N802
+        FakeHub.requests.append(("GET", self.path, {}))
+        return self._send(404, {"error": "not in the fake hub"})
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    FakeHub.requests, FakeHub.files, FakeHub.repos, FakeHub.refuse = [], {}, [], None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at import; conftest sets it
+    yield FakeHub
+    server.shutdown()
+    server.server_close()
+
+
+def test_adapter_push_sends_adapter_tokenizer_and_card(tiny_run_dir, hub):
+    url = push_run(tiny_run_dir, "medtune-org/tiny-adapter", private=True)
+    assert url.endswith("/medtune-org/tiny-adapter/commit/" + "a" * 40)
+    assert hub.repos == [{"name": "tiny-adapter", "organization": "medtune-org", "visibility": "private",
+                          "type": "model", "auth": "Bearer hf_test_token"}]
+    assert [r[:2] for r in hub.requests] == [
+        ("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"),
+        ("POST", "/api/models/medtune-org/tiny-adapter/preupload/main"),
+        ("POST", "/api/models/medtune-org/tiny-adapter/commit/main")]
+    assert sorted(hub.files) == sorted(
+        ["README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
+         "generation_config.json", "plots/grad_norm.png", "plots/learning_rate.png", "plots/loss.png",
+         "recipe.yaml", "tokenizer.json", "tokenizer_config.json"])
+    for name, content in hub.files.items():
+        assert content == (tiny_run_dir / name).read_bytes(), name
+    assert "not medical advice" in hub.files["README.md"].decode().lower()
+    assert any("lora_B" in k for k in load_safetensors(hub.files["adapter_model.safetensors"]))
+    header = next(line for line in hub.requests[-1][2] if line["key"] == "header")
+    assert header["value"]["summary"] == "medtune: LoRA adapter from run"
+
+
+def test_merged_push_sends_plain_weights(tiny_run_dir, hub):
+    push_run(tiny_run_dir, "medtune-org/tiny-merged", merged=True)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
+            "medtune_merged.json", "plots/loss.png"} <= set(hub.files)
+    assert not any(name.startswith("adapter_") for name in hub.files)
+    weights = load_safetensors(hub.files["model.safetensors"])
+    assert not any("lora" in k for k in weights) and str(next(iter(weights.values())).dtype) == "torch.bfloat16"
+    card = hub.files["README.md"].decode()
+    assert "Merged model" in card and "It is not medical advice" in card
+    assert "visibility" not in hub.repos[0]  # not --private: the Hub's (or the organisation's) default
+
+
+def test_hub_refusal_is_one_clear_error(tiny_run_dir, hub):
+    hub.refuse = 401
+    with pytest.raises(MedtuneError, match=r"the Hub refused the upload \(HTTP 401\)"):
+        push_run(tiny_run_dir, "medtune-org/tiny-adapter")
+
+
+def test_no_token_is_one_clear_error(tiny_run_dir, hub, monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    assert main(["push", str(tiny_run_dir), "--repo-id", "medtune-org/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medtune: error: no Hugging Face token") and "\n" not in err
+    assert hub.requests == []
+
+
+def test_offline_is_one_clear_error(tiny_run_dir, hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MedtuneError, match="HF_HUB_OFFLINE=1"):
+        push_run(tiny_run_dir, "medtune-org/x")
+    assert hub.requests == []
+
+
+def test_bad_repo_id_and_not_a_run(tiny_run_dir, tiny_model_dir, hub):
+    with pytest.raises(MedtuneError, match="not ORG/NAME"):
+        push_run(tiny_run_dir, "just-a-name")
+    with pytest.raises(MedtuneError, match="not a medtune run"):
+        push_run(tiny_model_dir, "medtune-org/x")

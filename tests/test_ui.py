@@ -1,0 +1,107 @@
+"""`medtune ui` as a person uses it: headless Chromium types a prompt, clicks Ask, and sees the base and the tuned
+answers appear side by side, with the not-medical-advice notice on the page. The screenshot is kept in
+tests/artifacts/ (ignored by git) and in pytest's tmp dir."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from medtune.generate import generate, load_for_inference, user_turn
+from medtune.ui import build_ui, stream_answer
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+PROMPT = "What are the symptoms of asthma?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(base, out, data, steps):
+    from medtune.recipe import load_recipe
+    from medtune.train.loop import run_training
+
+    return run_training(load_recipe(None, [
+        f"model={base}", f"output_dir={out}", f"data.path={data}", "data.format=qa", "data.max_length=64",
+        "data.eval_ratio=0", f"train.max_steps={steps}", "train.batch_size=4", "train.precision=fp32", "train.lr=1e-2",
+        "lora.dropout=0", "lora.r=8", "train.seed=0", "train.eval_before=false"])).run_dir
+
+
+@pytest.fixture(scope="module")
+def loaded_run(tiny_model_dir, tmp_path_factory):
+    """A run whose base and tuned models both say something readable (a random tiny model only repeats newlines
+    or broken bytes): the base is the tiny LLaMA taught one answer to PROMPT and merged; the run teaches another.
+    ~5 s."""
+    from medtune.export.merge import merge_run
+
+    tmp = tmp_path_factory.mktemp("ui-run")
+    for name, answer in (("a", "Wheezing and cough."), ("b", "See a doctor if you wheeze.")):
+        (tmp / f"{name}.jsonl").write_text(f'{{"question": "{PROMPT}", "answer": "{answer}"}}\n' * 8)
+    base = merge_run(_train(tiny_model_dir, tmp / "r1", tmp / "a.jsonl", 100), tmp / "base", dtype="fp32")
+    return load_for_inference(str(_train(base, tmp / "r2", tmp / "b.jsonl", 60)), precision="fp32")
+
+
+def test_stream_pieces_add_up_to_the_answer(loaded_run):
+    knobs = dict(max_new_tokens=24, temperature=0.0, top_p=1.0)
+    for use_adapter in (False, True):
+        steps = list(stream_answer(loaded_run, PROMPT, None, use_adapter=use_adapter, **knobs))
+        whole = generate(loaded_run, user_turn(PROMPT, None), use_adapter=use_adapter, **knobs)
+        assert steps and steps[-1] == whole
+        assert all(later.startswith(earlier) for earlier, later in zip(steps, steps[1:], strict=False))
+
+
+def serve(demo):
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+def test_browser_sees_base_and_tuned_answers(loaded_run, tmp_path):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    knobs = dict(max_new_tokens=256, temperature=0.0, top_p=0.95)  # the page's defaults
+    expected_base = generate(loaded_run, user_turn(PROMPT, None), use_adapter=False, **knobs)
+    expected_tuned = generate(loaded_run, user_turn(PROMPT, None), use_adapter=True, **knobs)
+    assert expected_base and expected_tuned and expected_base != expected_tuned
+    print(f"base: {expected_base!r}  tuned: {expected_tuned!r}")
+
+    demo = build_ui(loaded_run)
+    url = serve(demo)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            assert "not medical advice" in page.locator("#notice").inner_text().lower()
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#submit").click()
+            base, tuned = page.locator("#base-answer textarea"), page.locator("#tuned-answer textarea")
+            page.wait_for_function(
+                "([b, t]) => document.querySelector('#base-answer textarea').value === b && "
+                "document.querySelector('#tuned-answer textarea').value === t",
+                arg=[expected_base, expected_tuned], timeout=20_000)
+            assert (base.input_value(), tuned.input_value()) == (expected_base, expected_tuned)
+            shot = tmp_path / "ui_side_by_side.png"
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+    ARTIFACTS.mkdir(exist_ok=True)
+    shutil.copy(shot, ARTIFACTS / shot.name)
+    assert shot.stat().st_size > 10_000
+
+
+def test_plain_model_shows_one_column(tiny_model_dir):
+    demo = build_ui(load_for_inference(str(tiny_model_dir), precision="fp32"))
+    config = demo.get_config_file()
+    by_id = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c["props"].get("elem_id")}
+    assert by_id["base-answer"]["label"] == "Model" and by_id["tuned-answer"]["visible"] is False
+    assert "not medical advice" in by_id["notice"]["value"].lower()
