@@ -10,6 +10,7 @@ checkpoints are deleted (`keep_last_n`) only after a newer one is complete. Load
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -40,10 +41,12 @@ class TrainState:
 @contextmanager
 def writing(path: Path, what: str) -> Iterator[None]:
     """Turn a failed write (disk full, file-size limit, permission, read-only) into one clear user error."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except OSError as e:
-        reason = e.strerror or str(e)
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O failures as its own error type
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
         raise MedtuneError(f"cannot write {what}: {reason}; earlier checkpoints are intact", file=str(path)) from None
 
 
@@ -62,10 +65,13 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             model.save_pretrained(tmp, state_dict=adapter_state)
+            # Serialised in memory, then written: torch.save's zip writer turns a failed write into an opaque
+            # RuntimeError ("unexpected pos"); a plain write raises the OSError that names the cause.
+            blob = io.BytesIO()
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                       tmp / "training.pt")
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, blob)
+            (tmp / "training.pt").write_bytes(blob.getbuffer())
             (tmp / STATE).write_text(json.dumps({"step": state.step, "base_eval": state.base_eval, "micro": state.micro,
                                                  "skipped": state.skipped}), encoding="utf-8")
             _sync_dir(tmp)

@@ -318,7 +318,7 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
                 if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
                     checkpoint()
         except Interrupted as halt:
-            bar.close()
+            bar.close()  # before the message, not after it
             optimizer.zero_grad(set_to_none=True)
             if halt.step_finished:
                 path = checkpoint()
@@ -330,7 +330,8 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
                 print(f"\ninterrupted at step {state.step}/{total_steps}; {message}\n"
                       f"resume with: medtune train <recipe> output_dir={run_dir} resume=true", flush=True)
             raise SystemExit(128 + halt.signum) from None
-    bar.close()
+        finally:
+            bar.close()
     train_seconds = time.perf_counter() - run_start
 
     # ---- save ---------------------------------------------------------------------------------------------
