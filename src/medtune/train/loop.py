@@ -184,13 +184,14 @@ def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
     for line in data.report.lines():
         log.info(line)
 
+    log.info(check_memory(estimate_for_recipe(recipe, model_dir, device, bf16), device, force))
+
     run_dir = dist.broadcast(_pick_run_dir(recipe) if dist.is_main else None)
     lock = RunLock(run_dir).acquire() if dist.is_main else None
     try:
         if dist.is_main:
             with writing(run_dir, "the run directory"):
                 (run_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2), encoding="utf-8")
-        log.info(check_memory(estimate_for_recipe(recipe, model_dir, device, bf16), device, force))
         return _train(recipe, dist, run_dir, model_dir, tok, chat, data, device, dtype, bf16, autocast)
     finally:
         if lock is not None:
