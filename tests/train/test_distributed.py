@@ -1,5 +1,5 @@
-"""Scale-out: `torchrun` with 2 CPU processes (gloo, DDP through accelerate) trains exactly what one process
-with gradient accumulation 2 trains, and only rank 0 writes the run directory."""
+"""Scale-out: `medtune train --nproc 2` (torchrun, 2 CPU processes, gloo, DDP through accelerate) trains exactly
+what one process with gradient accumulation 2 trains, and only rank 0 writes the run directory."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_loop import losses, tiny_recipe
 
 from medtune.data.batching import BatchPlan
 from medtune.train.distributed import shard
 from medtune.train.loop import run_training
-
-from test_loop import losses, tiny_recipe
 
 
 def test_shards_see_each_sample_once_per_epoch():
@@ -44,9 +43,9 @@ def test_two_processes_equal_one_with_accumulation(tiny_model_dir, tmp_path):
     argv = [f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa", "data.limit=24",
             "data.max_length=128", "data.eval_ratio=0.25", "train.precision=fp32", "train.logging_steps=1",
             "train.lr=1e-2", "lora.dropout=0", "lora.r=4", "train.seed=42", "train.packing=false", *common]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "medtune.cli", "train", str(recipe), *argv], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    # `--nproc 2` becomes `torchrun --standalone --nproc_per_node=2 -m medtune.cli train ...`
+    proc = subprocess.run([sys.executable, "-m", "medtune.cli", "train", str(recipe), *argv, "--nproc", "2"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(out) == pytest.approx(losses(one.run_dir), abs=1e-4)
     a, b = (load_file(d / "adapter_model.safetensors") for d in (one.run_dir, out))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_loop import tiny_recipe
 
 from medtune.cli import main
 from medtune.errors import MedtuneError

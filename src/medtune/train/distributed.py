@@ -81,6 +81,10 @@ class Distributed:
         cpu = device_choice == "cpu" or not torch.cuda.is_available()
         ddp = DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)
         self.acc = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, kwargs_handlers=[ddp])
+        if self.acc.gradient_accumulation_steps != grad_accum:  # an accelerate config set its own
+            raise MedtuneError(f"the accelerate config asks for gradient_accumulation_steps="
+                               f"{self.acc.gradient_accumulation_steps}; remove it there and set train.grad_accum",
+                               field="train.grad_accum")
         self.world, self.rank, self.is_main = self.acc.num_processes, self.acc.process_index, self.acc.is_main_process
         self.device = self.acc.device
         kind = self.acc.distributed_type
