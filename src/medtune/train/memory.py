@@ -12,8 +12,9 @@ config.json only, compared with the memory available on the device.
     runtime      Python, torch and transformers in the process (CPU only; CUDA's free memory is measured after
                  its context exists)
 
-It is a rough estimate, meant to refuse runs that cannot fit before minutes of loading,
-not to squeeze the last gigabyte: `--force` tries anyway.
+It is a rough estimate that errs low (SmolLM2-135M, batch 4 × 512, r=64, bf16: 2.8 GiB estimated, 4.6 GB peak RSS
+measured in bench/RESULTS.md — loading transients and allocator slack are not counted), so it refuses only runs
+that clearly cannot fit, before minutes of loading; `--force` tries anyway.
 """
 
 from __future__ import annotations
