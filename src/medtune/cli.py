@@ -37,9 +37,15 @@ def cmd_train(args) -> int:
     from medtune.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # before the slow imports: recipe mistakes report at once
+    if args.nproc:
+        from medtune.train.distributed import launch
+
+        launch(args.nproc, ["train", args.recipe, *args.overrides, *(["--force"] if args.force else [])])
     from medtune.train.loop import run_training
 
-    result = run_training(recipe)
+    result = run_training(recipe, force=args.force)
+    if not result.main:
+        return 0
     m = result.metrics
     print(f"\nrun: {result.run_dir}")
     print(f"trained {int(m['steps'])} steps in {m['train_seconds']:.0f} s ({m['tokens_per_s']:.0f} tokens/s), "
@@ -66,6 +72,9 @@ def cmd_data_check(args) -> int:
     print(f"model: {recipe.model} (template {chat.template}, stops on {', '.join(chat.stop_tokens)}, "
           f"pad {chat.pad_token})")
     print("\n".join(data.report.lines()))
+    from medtune.train.memory import memory_report
+
+    print(memory_report(recipe, model_dir))
     return 0
 
 
@@ -251,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model from a recipe", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Fine-tune from a recipe. Recipe keys (override any with key=value):\n\n" + recipe_help())
     _recipe_args(p)
+    p.add_argument("--nproc", type=int, default=0, metavar="N", help="train with N processes on this machine through "
+                   "torchrun (gloo on CPU, NCCL on GPU); for several machines or FSDP/DeepSpeed see recipes/launch/")
+    p.add_argument("--force", action="store_true", help="start even when the memory estimate says it will not fit")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("data", help="inspect training data without training")

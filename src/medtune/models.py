@@ -174,7 +174,9 @@ def load_base_model(model_dir: str, *, dtype: torch.dtype, device: torch.device,
                    "float32": torch.float32}[quant.compute_dtype]
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type, bnb_4bit_use_double_quant=quant.double_quant,
-            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+            bnb_4bit_compute_dtype=compute,
+            # FSDP shards only floating-point tensors: store the packed 4-bit weights in the compute dtype there.
+            bnb_4bit_quant_storage=compute if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else torch.uint8)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)

@@ -102,6 +102,11 @@ class TrainConfig(Section):
     eval_before: bool = Field(True, description="Measure held-out loss/perplexity of the base model before training.")
     logging_steps: int = Field(10, gt=0, description="Log loss, lr, grad norm and tokens/s every N steps.")
     save_steps: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps; 0 = only on interrupt and at the end.")
+    keep_last_n: int = Field(0, ge=0, description="Keep only the newest N checkpoints (older ones are deleted once a newer "
+                             "one is complete); 0 = keep all.")
+    nan_policy: Literal["stop", "skip_batch"] = Field(
+        "stop", description="A step whose loss or gradient is NaN/Inf: stop (checkpoint the weights before it and say "
+        "which step), or skip_batch (drop that batch, no update; stops after 10 bad batches in a row).")
     seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto = cuda when available.")
 

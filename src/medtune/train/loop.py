@@ -39,8 +39,20 @@ from medtune.models import (
 )
 from medtune.recipe import Recipe
 from medtune.tokenizer import ChatSetup, prepare_tokenizer
-from medtune.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from medtune.train.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_adapter,
+    save_checkpoint,
+    trim_metrics,
+    writing,
+)
+from medtune.train.distributed import Single, setup, shard
+from medtune.train.guard import Interrupted, NonFinite, NonFiniteGuard, StopSignals
+from medtune.train.lock import RunLock, holder, is_locked
 from medtune.train.loss import chunked_cross_entropy_sum
+from medtune.train.memory import check_memory, estimate_for_recipe
 from medtune.train.rundir import CardInfo, RunDir
 
 log = logging.getLogger("medtune")
@@ -51,14 +63,20 @@ class TrainResult:
     run_dir: Path
     metrics: dict[str, float]
     samples: list[dict]
+    main: bool = True  # False on the other processes of a distributed run (they write and report nothing)
 
 
-class Interrupted(Exception):
-    """SIGINT/SIGTERM during training: checkpoint, then exit with 128 + signal."""
+class LossModule(torch.nn.Module):
+    """The model and its loss as one module: what DDP / FSDP / DeepSpeed wrap, so every training forward goes
+    through the engine."""
 
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+    def __init__(self, model, autocast):
+        super().__init__()
+        self.model = model
+        self.autocast = autocast
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return loss_sum(self.model, batch, self.autocast)
 
 
 def loss_sum(model, batch: Batch, autocast, chunked: bool = True) -> torch.Tensor:
@@ -112,6 +130,8 @@ def _micro_batches(data: PreparedData, plan: BatchPlan, pad_id: int, side: str, 
 def _pick_run_dir(recipe: Recipe) -> Path:
     """runs/<name>, or runs/<name>-2, -3 … so an earlier run is never overwritten."""
     run_dir = recipe.run_dir
+    if is_locked(run_dir):
+        raise MedtuneError(f"another training is using this run directory ({holder(run_dir)})", file=str(run_dir))
     if recipe.resume or not run_dir.exists() or not any(run_dir.iterdir()):
         return run_dir
     if recipe.output_dir:
@@ -139,15 +159,23 @@ def _save_run_files(run_dir: Path, recipe: Recipe, tok, chat: ChatSetup, model_d
     (run_dir / RUN_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
-def run_training(recipe: Recipe) -> TrainResult:
+def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
+    """Train one recipe. `force`: start even when the memory estimate says it will not fit.
+    Under torchrun / accelerate launch every process calls this; only rank 0 writes and reports."""
     # ---- setup -------------------------------------------------------------------------------------------
     random.seed(recipe.train.seed)
     torch.manual_seed(recipe.train.seed)
-    device = pick_device(recipe.train.device)
-    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and bf16_supported(device))
+    cfg = recipe.train
+    dist = setup(cfg.device, cfg.grad_accum, cfg.batch_size)
+    if not dist.is_main:
+        log.setLevel(logging.WARNING)
+    device = pick_device(cfg.device) if isinstance(dist, Single) else dist.device
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
     dtype = torch.bfloat16 if bf16 else torch.float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    quantized = recipe.quant.load_in_4bit
+    if recipe.resume and dist.sharded:
+        raise MedtuneError("resume=true is not supported under FSDP / DeepSpeed (sharded optimizer state); "
+                           "resume with DDP or one process", field="resume")
 
     model_dir = resolve_model(recipe.model)
     tok = load_tokenizer(model_dir, recipe.trust_remote_code)
@@ -156,10 +184,23 @@ def run_training(recipe: Recipe) -> TrainResult:
     for line in data.report.lines():
         log.info(line)
 
-    run_dir = _pick_run_dir(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2), encoding="utf-8")
+    log.info(check_memory(estimate_for_recipe(recipe, model_dir, device, bf16), device, force))
 
+    run_dir = dist.broadcast(_pick_run_dir(recipe) if dist.is_main else None)
+    lock = RunLock(run_dir).acquire() if dist.is_main else None
+    try:
+        if dist.is_main:
+            with writing(run_dir, "the run directory"):
+                (run_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2), encoding="utf-8")
+        return _train(recipe, dist, run_dir, model_dir, tok, chat, data, device, dtype, bf16, autocast)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatSetup, data: PreparedData, device,
+           dtype, bf16: bool, autocast) -> TrainResult:
+    quantized = recipe.quant.load_in_4bit
     # Frozen base weights are stored in the compute dtype (bf16 where fast) so autocast never re-casts them.
     model = load_base_model(model_dir, dtype=dtype, device=device, quant=recipe.quant,
                             trust_remote_code=recipe.trust_remote_code, attn_implementation=recipe.attn_implementation)
@@ -169,13 +210,15 @@ def run_training(recipe: Recipe) -> TrainResult:
                      autocast=bf16)
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
-    log.info("model %s: %s trainable LoRA parameters (%s), base in %s, %s", recipe.model, f"{n_train:,}",
-             "QLoRA " + recipe.quant.quant_type if quantized else "LoRA", "4 bits" if quantized else dtype, device)
+    log.info("model %s: %s trainable LoRA parameters (%s), base in %s, %s%s", recipe.model, f"{n_train:,}",
+             "QLoRA " + recipe.quant.quant_type if quantized else "LoRA", "4 bits" if quantized else dtype, device,
+             f", {dist.world} processes" if dist.world > 1 else "")
 
     cfg = recipe.train
     plan = BatchPlan([len(s.input_ids) for s in data.train], cfg.batch_size, cfg.seed, packing=cfg.packing,
                      group_by_length=cfg.group_by_length, max_length=recipe.data.max_length)
-    steps_per_epoch = math.ceil(len(plan) / cfg.grad_accum)
+    per_step = cfg.grad_accum * dist.world  # micro-batches consumed per optimizer step, all processes
+    steps_per_epoch = math.ceil(len(plan) / per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optimizer = _optimizer(cfg, params)
     from transformers import get_scheduler
@@ -187,86 +230,132 @@ def run_training(recipe: Recipe) -> TrainResult:
     if recipe.resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is None:
-            raise MedtuneError("resume=true but the run has no checkpoint yet", file=str(run_dir), field="resume")
+            raise MedtuneError("resume=true but the run has no complete checkpoint yet", file=str(run_dir),
+                               field="resume")
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        if dist.is_main:
+            trim_metrics(run_dir, state.step)
         log.info("resuming from %s (step %d of %d)", ckpt, state.step, total_steps)
 
     tracker = RunDir(run_dir, run_name=run_dir.name, config=recipe.to_dict(), report_to=recipe.report_to,
-                     wandb_project=recipe.wandb_project, resume=recipe.resume)
+                     wandb_project=recipe.wandb_project, resume=recipe.resume) if dist.is_main else _NoTracker()
+    can_eval = dist.is_main and not dist.sharded  # evaluation calls the model outside a sharding engine
     evaluate_kw = dict(pad_id=chat.pad_token_id, batch_size=cfg.batch_size, device=device, autocast=autocast)
-    if cfg.eval_before and data.eval and not state.base_eval:
+    if cfg.eval_before and data.eval and not state.base_eval and can_eval:
         base = evaluate(model, data.eval, **evaluate_kw)
         state.base_eval = {f"base_{k}": v for k, v in base.items()}
         log.info("base model on held-out data: loss %.4f, perplexity %.2f", base["eval_loss"], base["eval_ppl"])
         tracker.log({"eval_loss": base["eval_loss"], "eval_ppl": base["eval_ppl"]}, step=0)
 
     # ---- train ---------------------------------------------------------------------------------------------
-    _save_run_files(run_dir, recipe, tok, chat, model_dir)
-    model.train()
-    batches = _micro_batches(data, plan, chat.pad_token_id, recipe.tokenizer.padding_side, state.step * cfg.grad_accum)
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    if dist.is_main:
+        with writing(run_dir, "the run directory"):
+            _save_run_files(run_dir, recipe, tok, chat, model_dir)
+    wrapped, optimizer = dist.prepare(LossModule(model, autocast), optimizer)
+    wrapped.train()
+
+    def checkpoint() -> Path | None:
+        adapter = dist.adapter_state(wrapped)  # a collective under FSDP/ZeRO-3: every rank gathers
+        if not dist.is_main:
+            return None
+        return save_checkpoint(run_dir, model, optimizer, scheduler, state, cfg.keep_last_n, adapter)
+
+    batches = shard(_micro_batches(data, plan, chat.pad_token_id, recipe.tokenizer.padding_side, state.micro),
+                    dist.rank, dist.world)
+    guard = NonFiniteGuard(cfg.nan_policy)
     window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
     run_real, run_start = 0, time.perf_counter()
     last_logged: dict[str, float] = {}
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
-    try:
-        while state.step < total_steps:
-            micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
-            n_loss = sum(b.num_loss_tokens for b in micro)
-            step_loss = 0.0
-            for b in micro:
-                loss = loss_sum(model, b, autocast)
-                (loss / n_loss).backward()
-                step_loss += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            optimizer.step()
-            scheduler.step()
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not dist.is_main)
+    with StopSignals() as signals:
+        try:
+            while state.step < total_steps:
+                micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
+                (n_loss,) = dist.sum([sum(b.num_loss_tokens for b in micro)])
+                step_loss = 0.0
+                for b in micro:
+                    with dist.accumulate(wrapped):
+                        loss = wrapped(b)
+                        dist.backward(loss, n_loss, cfg.grad_accum)
+                    step_loss += loss.item()
+                grad_norm = dist.clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+                step_loss, real, stop = dist.sum([step_loss, sum(b.num_tokens for b in micro),
+                                                  float(signals.signum is not None)])
+                try:
+                    skip = guard.bad(state.step + 1, step_loss / max(n_loss, 1), grad_norm)
+                except NonFinite as e:
+                    optimizer.zero_grad(set_to_none=True)
+                    path = checkpoint()  # the weights before the bad step: resumable with nan_policy=skip_batch
+                    e.args = (f"{e.args[0]}; checkpoint {path}",)
+                    raise
+                state.micro += cfg.grad_accum * dist.world
+                if skip:
+                    optimizer.zero_grad(set_to_none=True)
+                    state.skipped.append(state.step + 1)
+                    log.warning("step %d: non-finite loss or gradient, batch skipped (train.nan_policy=skip_batch)",
+                                state.step + 1)
+                    continue
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                window_loss, window_tokens, window_real, run_real = window_loss + step_loss, window_tokens + n_loss, \
+                    window_real + real, run_real + real
+                bar.update(1)
+                if state.step % cfg.logging_steps == 0 or state.step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    last_logged = {"loss": window_loss / window_tokens, "learning_rate": scheduler.get_last_lr()[0],
+                                   "grad_norm": grad_norm, "tokens_per_s": window_real / elapsed,
+                                   "tokens_seen": run_real, "epoch": state.step / steps_per_epoch}
+                    tracker.log(last_logged, step=state.step)
+                    bar.set_postfix(loss=f"{last_logged['loss']:.4f}", tok_s=f"{last_logged['tokens_per_s']:.0f}")
+                    window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
+                if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps and data.eval \
+                        and can_eval:
+                    tracker.log(evaluate(model, data.eval, **evaluate_kw), step=state.step)
+                if stop:  # a signal reached some process during this step: all stop after it
+                    raise Interrupted(signals.signum or signal.SIGTERM, step_finished=True)
+                if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
+                    checkpoint()
+        except Interrupted as halt:
+            bar.close()  # before the message, not after it
             optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            real = sum(b.num_tokens for b in micro)
-            window_loss, window_tokens, window_real, run_real = window_loss + step_loss, window_tokens + n_loss, \
-                window_real + real, run_real + real
-            bar.update(1)
-            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                last_logged = {"loss": window_loss / window_tokens, "learning_rate": scheduler.get_last_lr()[0],
-                               "grad_norm": float(grad_norm), "tokens_per_s": window_real / elapsed,
-                               "tokens_seen": run_real, "epoch": state.step / steps_per_epoch}
-                tracker.log(last_logged, step=state.step)
-                bar.set_postfix(loss=f"{last_logged['loss']:.4f}", tok_s=f"{last_logged['tokens_per_s']:.0f}")
-                window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
-            if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps and data.eval:
-                tracker.log(evaluate(model, data.eval, **evaluate_kw), step=state.step)
-            if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
-                save_checkpoint(run_dir, model, optimizer, scheduler, state)
-    except Interrupted as stop:
-        bar.close()
-        optimizer.zero_grad(set_to_none=True)
-        path = save_checkpoint(run_dir, model, optimizer, scheduler, state)
-        tracker.close()
-        code = 128 + stop.signum
-        print(f"\ninterrupted at step {state.step}/{total_steps}; checkpoint {path}\n"
-              f"resume with: medtune train <recipe> output_dir={run_dir} resume=true", flush=True)
-        raise SystemExit(code) from None
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    bar.close()
+            if halt.step_finished:
+                path = checkpoint()
+                message = f"checkpoint {path}"
+            else:
+                message = f"step abandoned; last complete checkpoint {latest_checkpoint(run_dir)}"
+            tracker.close()
+            if dist.is_main:
+                print(f"\ninterrupted at step {state.step}/{total_steps}; {message}\n"
+                      f"resume with: medtune train <recipe> output_dir={run_dir} resume=true", flush=True)
+            raise SystemExit(128 + halt.signum) from None
+        finally:
+            bar.close()
     train_seconds = time.perf_counter() - run_start
 
     # ---- save ---------------------------------------------------------------------------------------------
-    model.save_pretrained(run_dir)
-    save_checkpoint(run_dir, model, optimizer, scheduler, state)
+    adapter = dist.adapter_state(wrapped)
+    if dist.is_main:
+        save_adapter(run_dir, model, adapter)
+        save_checkpoint(run_dir, model, optimizer, scheduler, state, cfg.keep_last_n, adapter)
+    dist.barrier()
+    dist.close()
+    if not dist.is_main:
+        return TrainResult(run_dir, {}, [], main=False)
 
     # ---- report -------------------------------------------------------------------------------------------
     metrics: dict[str, float] = {"steps": state.step, "train_loss": last_logged.get("loss", float("nan")),
                                  "tokens_per_s": run_real / max(train_seconds, 1e-9), "train_seconds": train_seconds,
                                  **state.base_eval}
-    if data.eval:
+    if state.skipped:
+        metrics["skipped_batches"] = len(state.skipped)
+    if data.eval and can_eval:
         final = evaluate(model, data.eval, **evaluate_kw)
         tracker.log(final, step=state.step)
         metrics.update(final)
-    samples = _sample_answers(recipe, model, tok, chat, bf16)
+    samples = _sample_answers(recipe, model, tok, chat, bf16) if can_eval else []
     plots = tracker.plots()
     tracker.write_card(CardInfo(base_model=recipe.model, base_model_path=model_dir, recipe=recipe.to_dict(),
                                 data_report_lines=data.report.lines(), metrics=metrics, samples=samples, plots=plots,
@@ -276,8 +365,14 @@ def run_training(recipe: Recipe) -> TrainResult:
     return TrainResult(run_dir, metrics, samples)
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
+class _NoTracker:
+    """What processes other than rank 0 log to: nothing."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _optimizer(cfg, params) -> torch.optim.Optimizer:
