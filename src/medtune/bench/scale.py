@@ -165,10 +165,13 @@ def run_worker(cfg: dict) -> dict:
     from medtune.models import add_lora, bf16_supported, load_base_model, pick_device
     from medtune.recipe import LoraConfig, QuantConfig
     from medtune.train import loss as loss_mod
+    from medtune.train.allocator import return_freed_memory_to_os
     from medtune.train.loop import loss_sum
 
     runtime = _rss_mb()
     device = pick_device("auto")
+    if device.type == "cpu":
+        return_freed_memory_to_os()  # as medtune.train.loop does
     bf16 = bf16_supported(device)
     dtype = torch.bfloat16 if bf16 else torch.float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -39,6 +39,7 @@ from medtune.models import (
 )
 from medtune.recipe import Recipe
 from medtune.tokenizer import ChatSetup, prepare_tokenizer
+from medtune.train.allocator import return_freed_memory_to_os
 from medtune.train.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -170,6 +171,8 @@ def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
     if not dist.is_main:
         log.setLevel(logging.WARNING)
     device = pick_device(cfg.device) if isinstance(dist, Single) else dist.device
+    if device.type == "cpu":
+        return_freed_memory_to_os()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
     dtype = torch.bfloat16 if bf16 else torch.float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
