@@ -146,16 +146,25 @@ def create_app(engine: Engine, *, api_key: str | None = None,
         return Completion(id=cid, created=now, model=req.model, usage=_usage(result),
                           choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)])
 
+    generated_openapi = app.openapi
+
+    def openapi() -> dict:
+        """FastAPI's schema, with the served model ids as the only values of `model` (clients and fuzzers see them)."""
+        if app.openapi_schema is None:
+            schemas = generated_openapi()["components"]["schemas"]
+            for name in ("ChatCompletionRequest", "CompletionRequest"):
+                schemas[name]["properties"]["model"]["enum"] = list(engine.routes)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
 def check_conversation(messages: list[dict[str, str]], max_chars: int) -> None:
-    """What the schema cannot say: at least one user turn, system turns only first, a bounded total length."""
+    """What pydantic does not check: at least one user message (the schema says it with `contains`), and a
+    bounded total length."""
     if not any(m["role"] == "user" for m in messages):
         raise ApiError(400, "messages need at least one 'user' message", param="messages")
-    for i, m in enumerate(messages):
-        if m["role"] == "system" and any(p["role"] != "system" for p in messages[:i]):
-            raise ApiError(400, "'system' messages may only come first", param=f"messages.{i}.role")
     total = sum(len(m["content"]) for m in messages)
     if total > max_chars:
         raise ApiError(400, f"messages hold {total} characters; this server takes at most {max_chars}",
