@@ -58,8 +58,13 @@ _ERRORS = {400: {"model": ErrorResponse, "description": "invalid request"},
            404: {"model": ErrorResponse, "description": "unknown model"},
            429: {"model": ErrorResponse, "description": "queue full; retry later"},
            503: {"model": ErrorResponse, "description": "shutting down"}}
+# One server-sent event (OpenAPI 3.1: `schema` is read per event, as 3.2's itemSchema, by schemathesis).
 _SSE = {200: {"content": {"text/event-stream": {"schema": {
-    "type": "string", "description": "with stream=true: `data: {chunk JSON}` events, then `data: [DONE]`"}}}}}
+    "type": "object", "required": ["data"],
+    "description": "with stream=true: one event per chunk, `data: {chunk JSON}`, then a last `data: [DONE]`",
+    "properties": {"data": {"type": "string", "description": "a chunk as JSON (chat.completion.chunk or "
+                                                                "text_completion), or [DONE]"},
+                   "event": {"type": "string"}}}}}}}
 _BEARER = HTTPBearer(auto_error=False, description="the server's --api-key")
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_error"}
@@ -149,11 +154,15 @@ def create_app(engine: Engine, *, api_key: str | None = None,
     generated_openapi = app.openapi
 
     def openapi() -> dict:
-        """FastAPI's schema, with the served model ids as the only values of `model` (clients and fuzzers see them)."""
+        """FastAPI's schema, with the served model ids as the only values of `model` (clients and fuzzers see
+        them) and without FastAPI's 422, which this API answers as 400."""
         if app.openapi_schema is None:
-            schemas = generated_openapi()["components"]["schemas"]
+            schema = generated_openapi()
             for name in ("ChatCompletionRequest", "CompletionRequest"):
-                schemas[name]["properties"]["model"]["enum"] = list(engine.routes)
+                schema["components"]["schemas"][name]["properties"]["model"]["enum"] = list(engine.routes)
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    operation["responses"].pop("422", None)
         return app.openapi_schema
 
     app.openapi = openapi

@@ -31,6 +31,9 @@ from medtune.models import load_tokenizer, resolve_model
 
 log = logging.getLogger("medtune")
 
+# Below this temperature sampling is greedy (as vLLM does): logits / 1e-130 overflow to inf and sampling fails.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class Route:
@@ -249,8 +252,8 @@ class Engine:
 
         ids = torch.tensor([job.input_ids], device=self.device)  # (1, prompt)
         kwargs = dict(max_new_tokens=job.max_new_tokens, eos_token_id=route.stop_token_ids,
-                      pad_token_id=route.pad_token_id, do_sample=job.temperature > 0)
-        if job.temperature > 0:
+                      pad_token_id=route.pad_token_id, do_sample=job.temperature >= GREEDY_BELOW)
+        if kwargs["do_sample"]:
             kwargs.update(temperature=job.temperature, top_p=job.top_p, top_k=None)
             if job.seed is not None:
                 torch.manual_seed(job.seed)  # one worker: the global generator is ours alone

@@ -9,18 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
-
-
-def _integral_float_to_int(value):
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-# Requests are validated strictly (no "true" for a bool, no true for a number), except that JSON's 1.0 is an
-# integer, as JSON Schema says.
-JsonInt = Annotated[int, BeforeValidator(_integral_float_to_int)]
 
 
 class StreamOptions(BaseModel):
@@ -35,12 +26,19 @@ class _Request(BaseModel):
     model: str = Field(min_length=1, description="the base model's id or an adapter's name (see GET /v1/models)")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (the default here); higher = more varied")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass (with temperature > 0)")
-    n: JsonInt = Field(1, ge=1, le=1, description="number of choices; only 1 is served")
+    n: int = Field(1, ge=1, le=1, description="number of choices; only 1 is served")
     stream: bool = Field(False, description="send server-sent events (`data: {chunk}`), ending with `data: [DONE]`")
     stream_options: StreamOptions | None = Field(None, description="with stream: include_usage adds a usage chunk")
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
         None, description="up to 4 strings; generation ends before the first one")
-    seed: JsonInt | None = Field(None, ge=0, le=2**32 - 1, description="seed for sampling (with temperature > 0)")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seed for sampling (with temperature > 0)")
+
+    @field_validator("n", "seed", "max_tokens", "max_completion_tokens", mode="before", check_fields=False)
+    @classmethod
+    def _integral_float_to_int(cls, value):
+        """Requests are validated strictly (no "true" for a bool, no true for a number), except that JSON's 1.0
+        is an integer, as JSON Schema says."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -58,13 +56,13 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(
         min_length=1, description="the conversation so far, with at least one user message",
         json_schema_extra={"contains": {"type": "object", "properties": {"role": {"const": "user"}}}})
-    max_tokens: JsonInt | None = Field(None, ge=1, description="longest answer in tokens (capped by the server)")
-    max_completion_tokens: JsonInt | None = Field(None, ge=1, description="newer name of max_tokens; wins if both are set")
+    max_tokens: int | None = Field(None, ge=1, description="longest answer in tokens (capped by the server)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="newer name of max_tokens; wins if both are set")
 
 
 class CompletionRequest(_Request):
     prompt: str = Field(min_length=1, pattern=r"\S", description="the text to continue (no chat template is applied)")
-    max_tokens: JsonInt | None = Field(16, ge=1, description="longest continuation in tokens (capped by the server)")
+    max_tokens: int | None = Field(16, ge=1, description="longest continuation in tokens (capped by the server)")
 
 
 class Usage(BaseModel):
