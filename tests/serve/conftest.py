@@ -81,3 +81,15 @@ def live_server():
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(request) -> Path:
+    """The cached default model in the user's MEDTUNE_HOME (tests/conftest.py points MEDTUNE_HOME elsewhere;
+    `from conftest import ...` would find this file, so the root conftest is looked up among pytest's plugins)."""
+    root = str(Path(__file__).resolve().parents[1] / "conftest.py")
+    top = next(p for p in request.config.pluginmanager.get_plugins() if getattr(p, "__file__", None) == root)
+    path = Path(top.USER_MEDTUNE_HOME) / "models" / "smollm2-135m-instruct"
+    if not (path / "config.json").is_file():
+        pytest.skip("the default model is not cached")
+    return path

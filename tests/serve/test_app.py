@@ -234,3 +234,19 @@ def test_openapi_schema(server, tiny_model_dir):
     assert "text/event-stream" in chat["responses"]["200"]["content"]
     request = schema["components"]["schemas"]["ChatCompletionRequest"]
     assert set(request["properties"]["model"]["enum"]) == {str(tiny_model_dir), "alpha", "beta"}
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["serve", "{model}", "--adapter", "no-equals-sign"], ["--adapter", "NAME=RUN_DIR"]),
+    (["serve", "{model}", "--adapter", "x={tmp}"], ["not a medtune run directory", "{tmp}"]),
+    (["serve", "{model}", "--max-queue", "0"], ["--max-queue"]),
+])
+def test_serve_user_errors_exit_2_with_one_line(argv, needles, tiny_model_dir, tmp_path, capsys):
+    from medtune.cli import main
+
+    fill = {"model": str(tiny_model_dir), "tmp": str(tmp_path)}
+    code = main([a.format(**fill) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("medtune: error: ")
+    for needle in needles:
+        assert needle.format(**fill) in err, err

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
+import math
 import os
 import shutil
 import socket
@@ -31,8 +31,6 @@ from pathlib import Path
 
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
-
-log = logging.getLogger("medtune")
 
 QUESTIONS = ["What are the symptoms of influenza?", "How is high blood pressure treated?",
              "What causes iron deficiency anemia?", "When should a fever be checked by a doctor?",
@@ -149,7 +147,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+    return ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
 
 
 def summarize(records: list[dict]) -> dict:
