@@ -250,3 +250,31 @@ def test_serve_user_errors_exit_2_with_one_line(argv, needles, tiny_model_dir, t
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("medtune: error: ")
     for needle in needles:
         assert needle.format(**fill) in err, err
+
+
+def test_client_disconnect_stops_generation(engine, live_server, base_id, monkeypatch):
+    from medtune.serve import engine as engine_module
+
+    long = Engine(engine.model, list(engine.routes.values()), max_tokens=500)
+    results = []
+    real = long._generate
+    long._generate = lambda job: results.append(real(job)) or results[-1]
+    feed = engine_module.StopScanner.feed
+
+    def slow_feed(self, piece):  # ~5 ms a token: 500 tokens would take 2.5 s
+        threading.Event().wait(0.005)
+        return feed(self, piece)
+
+    monkeypatch.setattr(engine_module.StopScanner, "feed", slow_feed)
+    srv = live_server(create_app(long))
+    body = {"model": base_id, "messages": MESSAGES, "max_tokens": 500, "stream": True}
+    with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break  # the first piece of text: hang up
+    for _ in range(500):
+        if results:
+            break
+        threading.Event().wait(0.01)
+    assert results and results[0].finish_reason == "length"
+    assert results[0].completion_tokens < 100, results[0]
