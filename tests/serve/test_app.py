@@ -58,6 +58,10 @@ def test_models_lists_base_and_both_adapters(client, base_id):
     assert set(models) == {base_id, "alpha", "beta"}
     assert models["alpha"].parent == base_id and models["beta"].parent == base_id
     assert models[base_id].parent is None
+    assert client.models.retrieve("alpha").parent == base_id
+    assert client.models.retrieve(base_id).id == base_id  # a folder path, slashes and all
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gamma")
 
 
 def test_each_model_answers_like_generate_and_adapters_differ(client, base_id, reference):

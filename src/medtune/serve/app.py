@@ -2,6 +2,7 @@
 
     GET  /health                 liveness, served model ids, queue length (no key needed)
     GET  /v1/models              the base and each adapter; a request's `model` picks one
+    GET  /v1/models/{model}      one of them
     POST /v1/chat/completions    chat (the model's chat template), streamed as SSE with "stream": true
     POST /v1/completions         plain text continuation, streamed likewise
     GET  /openapi.json           the schema of all of the above
@@ -115,6 +116,12 @@ def create_app(engine: Engine, *, api_key: str | None = None,
     @app.get("/v1/models", response_model=ModelList, dependencies=auth, responses={401: _ERRORS[401]}, tags=["openai"])
     def list_models() -> ModelList:
         return ModelList(data=[ModelCard(id=r.name, created=created, parent=r.parent) for r in engine.routes.values()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, dependencies=auth,
+             responses={401: _ERRORS[401], 404: _ERRORS[404]}, tags=["openai"])
+    def get_model(model: str) -> ModelCard:
+        route = _route(engine, model)
+        return ModelCard(id=route.name, created=created, parent=route.parent)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=auth,
               responses={**_SSE, **_ERRORS}, tags=["openai"])
