@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from medtune.errors import MedtuneError
@@ -155,11 +156,9 @@ class Engine:
                 raise MedtuneError(f"adapter '{name}' has a tokenizer of {len(tok)} tokens, the base has {vocab} "
                                    "embeddings; serve it on its own", file=str(run), field="--adapter")
             peft_name = f"adapter-{i}"
-            if hasattr(model, "load_adapter") and hasattr(model, "peft_config"):
+            if isinstance(model, PeftModel):
                 model.load_adapter(run, adapter_name=peft_name)
             else:
-                from peft import PeftModel
-
                 model = PeftModel.from_pretrained(model, run, adapter_name=peft_name)
             routes.append(Route(name, peft_name, tok, meta["stop_token_ids"], meta["pad_token_id"],
                                 meta.get("max_length", loaded.max_length), parent=base_name))
@@ -242,7 +241,7 @@ class Engine:
             model.set_adapter(route.adapter)
             adapter_ctx = nullcontext()
         else:
-            adapter_ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+            adapter_ctx = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
         scanner, pieces = StopScanner(job.stop), []
 
         def on_text(piece: str) -> None:
