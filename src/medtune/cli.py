@@ -143,7 +143,7 @@ def cmd_serve(args) -> int:
 
     run_server(args.model, args.adapter or [], host=args.host, port=args.port,
                api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_queue=args.max_queue,
-               max_tokens=args.max_tokens, device=args.device)
+               max_tokens=args.max_tokens, max_batch=args.max_batch, device=args.device)
     return 0
 
 
@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a base model and its adapters",
                        description="Serve a model or run over an OpenAI-compatible API (/v1/chat/completions, "
                        "/v1/completions, /v1/models, /health, /openapi.json). The request's `model` field picks the "
-                       "base or an adapter. Requests are answered one at a time from a bounded queue (429 when "
-                       "full). Not medical advice.")
+                       "base or an adapter. Requests wait in a bounded queue (429 when full) and are answered "
+                       "in batches of up to --max-batch. Not medical advice.")
     p.add_argument("model", help="model name, model folder or run directory (a run's adapter is served under the "
                    "run folder's name, its base under the base's name)")
     p.add_argument("--adapter", action="append", metavar="NAME=RUN", help="also serve the adapter of run directory "
@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $MEDTUNE_API_KEY, else no key)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens (and the default)")
+    p.add_argument("--max-batch", type=int, default=4, help="waiting requests answered together in one batch "
+                   "(1 = one at a time)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_serve)
 

@@ -197,10 +197,10 @@ def test_full_queue_is_429(engine, live_server):
     entered, release = threading.Event(), threading.Event()
     real = small._generate
 
-    def held(job):
+    def held(jobs):
         entered.set()
         assert release.wait(20)
-        return real(job)
+        return real(jobs)
 
     small._generate = held
     srv = live_server(create_app(small))
@@ -262,7 +262,7 @@ def test_client_disconnect_stops_generation(engine, live_server, base_id, monkey
     long = Engine(engine.model, list(engine.routes.values()), max_tokens=500)
     results = []
     real = long._generate
-    long._generate = lambda job: results.append(real(job)) or results[-1]
+    long._generate = lambda jobs: results.extend(real(jobs)) or results
     feed = engine_module.StopScanner.feed
 
     def slow_feed(self, piece):  # ~5 ms a token: 500 tokens would take 2.5 s
@@ -282,3 +282,47 @@ def test_client_disconnect_stops_generation(engine, live_server, base_id, monkey
         threading.Event().wait(0.01)
     assert results and results[0].finish_reason == "length"
     assert results[0].completion_tokens < 100, results[0]
+
+
+def test_waiting_requests_share_one_batch_and_answer_as_alone(engine, live_server, client, base_id):
+    # Hold the worker on a first request; three more (base and both adapters, different prompts and lengths) wait,
+    # then run as ONE mixed-adapter batch. Each must answer exactly what it answers alone.
+    batched = Engine(engine.model, list(engine.routes.values()), max_tokens=CAP, max_batch=4, batch_wait=0.5)
+    entered, release, sizes = threading.Event(), threading.Event(), []
+    real = batched._generate
+
+    def held(jobs):
+        sizes.append(len(jobs))
+        if len(sizes) == 1:
+            entered.set()
+            assert release.wait(20)
+        return real(jobs)
+
+    batched._generate = held
+    srv_client = live_server(create_app(batched)).client()
+    asks = [(base_id, "What is gout?", CAP), ("alpha", "How is asthma treated?", 5),
+            ("beta", "Doctor, I think I have a rash. Should I worry?", CAP)]
+    answers: dict[int, object] = {}
+
+    def ask(i, model, prompt, n):
+        answers[i] = srv_client.chat.completions.create(model=model, max_tokens=n,
+                                                        messages=[{"role": "user", "content": prompt}])
+
+    first = threading.Thread(target=ask, args=(-1, "alpha", "hi", 2))
+    first.start()
+    assert entered.wait(10)
+    threads = [threading.Thread(target=ask, args=(i, *a)) for i, a in enumerate(asks)]
+    for t in threads:
+        t.start()
+    for _ in range(1000):
+        if batched.queued == 3:
+            break
+        threading.Event().wait(0.01)
+    release.set()
+    for t in [first, *threads]:
+        t.join(20)
+    assert sizes == [1, 3]
+    for i, (model, prompt, n) in enumerate(asks):
+        alone = client.chat.completions.create(model=model, max_tokens=n, messages=[{"role": "user", "content": prompt}])
+        assert answers[i].choices[0].message.content == alone.choices[0].message.content, model
+        assert answers[i].usage == alone.usage and answers[i].choices[0].finish_reason == alone.choices[0].finish_reason

@@ -58,3 +58,23 @@ def test_parse_adapters():
     for bad in (["runs/a"], ["=runs/a"], ["a="], ["a=x", "a=y"]):
         with pytest.raises(MedtuneError):
             parse_adapters(bad)
+
+
+def test_batch_key_groups_only_what_one_generate_call_can_serve(tiny_runs):
+    from medtune.serve.engine import Job, Route, batch_key
+
+    a = Route("a", "adapter-0", None, [4], 5, 256)
+    b = Route("b", None, None, [4], 5, 256)
+    other_stops = Route("c", None, None, [2], 5, 256)
+
+    def job(route, **kw):
+        return Job(route=route, input_ids=[1], max_new_tokens=4, emit=lambda k, v: None, **kw)
+
+    def key(route, **kw):
+        return batch_key(job(route, **kw))
+
+    assert key(a) == key(b) == key(a, top_p=0.5, temperature=1e-9)  # greedy: adapters and top_p do not matter
+    assert key(a) != key(other_stops)
+    assert key(a, temperature=0.7) == key(b, temperature=0.7) != key(a, temperature=0.8)
+    seeded = [job(a, temperature=0.7, seed=1) for _ in range(2)]
+    assert batch_key(seeded[0]) != batch_key(seeded[1])  # a seeded sample runs alone

@@ -9,7 +9,8 @@
 
 Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad request (FastAPI's 422
 becomes 400, as OpenAI answers), 401 for a missing or wrong API key, 404 for an unknown model, 429 when the queue
-is full, 503 while shutting down. Not medical advice: the served models are research artifacts.
+is full or no longer taken (shutting down), 503 for a request still waiting when the server shuts down.
+Not medical advice: the served models are research artifacts.
 """
 
 from __future__ import annotations
@@ -358,17 +359,17 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_server(model_or_run: str, adapters: list[str], *, host: str = "127.0.0.1", port: int = 8000,
-               api_key: str | None = None, max_queue: int = 16, max_tokens: int = 512, device: str = "auto",
-               precision: str = "auto", log_level: str = "info") -> None:
+               api_key: str | None = None, max_queue: int = 16, max_tokens: int = 512, max_batch: int = 4,
+               device: str = "auto", precision: str = "auto", log_level: str = "info") -> None:
     """Load the base and adapters, then serve until Ctrl-C."""
     import uvicorn
 
     named = parse_adapters(adapters)
-    if max_queue < 1 or max_tokens < 1:
-        raise MedtuneError("--max-queue and --max-tokens must be at least 1", field="--max-queue")
+    if min(max_queue, max_tokens, max_batch) < 1:
+        raise MedtuneError("--max-queue, --max-tokens and --max-batch must be at least 1", field="--max-queue")
     if not _is_loopback(host) and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
     engine = Engine.load(model_or_run, named, device=device, precision=precision, max_queue=max_queue,
-                         max_tokens=max_tokens)
+                         max_tokens=max_tokens, max_batch=max_batch)
     log.info("serving %s on http://%s:%d/v1 (not medical advice)", ", ".join(engine.routes), host, port)
     uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level=log_level)

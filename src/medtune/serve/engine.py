@@ -5,18 +5,22 @@ multi-adapter API (`load_adapter(path, adapter_name=...)`), and a request picks 
 an adapter is switched on with `set_adapter`, the base is reached with `disable_adapter()`. Each adapter keeps the
 tokenizer, chat template and stop tokens saved in its run, so it stops where it learned to stop.
 
-Why one request at a time: this is a CPU box (2 cores) where one generation already keeps every core busy, so
-batching requests would buy little throughput and cost padding, per-request streaming bookkeeping and mixed-adapter
-batches. A single worker thread serving a bounded `queue.Queue` keeps memory and latency predictable and makes
-"server full" a clean 429 instead of a slow collapse. (On a GPU the better design batches across requests and
-adapters, as vLLM does; `model.generate(..., adapter_names=[...])` in peft is where that would start.)
+One worker thread runs generation; requests wait in a bounded queue (a full queue is a clean 429, not a slow
+collapse). The worker takes the oldest request plus up to `max_batch - 1` waiting requests that can share one
+`generate()` call (same stop/pad tokens and sampling settings; adapters may differ: peft's mixed-adapter batch,
+`adapter_names=[...]`), left-padded to the longest prompt, each row streamed and stopped on its own. Measured on
+this 2-core CPU with SmolLM2-135M (greedy, 32 new tokens): a batch of 4 gives 3.3-3.5x the tokens/s of one request
+for ~15% more time per step, because a small model's decoding step is dominated by per-step overhead, not
+arithmetic. Batches are static: a request that arrives during a batch waits for the next one (vLLM's continuous
+batching, joining mid-generation, would be the next step on a GPU).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -27,7 +31,7 @@ from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from medtune.errors import MedtuneError
-from medtune.generate import _CallbackStreamer, is_run_dir, load_for_inference, read_run_meta
+from medtune.generate import is_run_dir, load_for_inference, read_run_meta
 from medtune.models import load_tokenizer, resolve_model
 
 log = logging.getLogger("medtune")
@@ -102,30 +106,84 @@ class StopScanner:
         return out
 
 
-class _Halt(StoppingCriteria):
-    """transformers stopping criterion: stop when the client is gone or a stop string was seen."""
+class _Rows(StoppingCriteria):
+    """The per-request bookkeeping of one batched `generate()`: transformers hands it each step's new tokens (it is
+    the streamer: `put`, `end`) and asks it which rows are finished (it is the stopping criterion). A row is
+    finished at one of its route's stop tokens, at its own max_new_tokens, at a stop string, or when its client
+    is gone; after that its tokens (padding) are ignored."""
 
-    def __init__(self, job: Job, scanner: StopScanner):
-        self.job, self.scanner = job, scanner
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+        self.ids: list[list[int]] = [[] for _ in jobs]
+        self.sent = [0] * len(jobs)  # characters of each row's decoded text already handed to its scanner
+        self.scanners = [StopScanner(j.stop) for j in jobs]
+        self.pieces: list[list[str]] = [[] for _ in jobs]
+        self.done = [False] * len(jobs)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompts
+            self.prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(-1).tolist()):  # (batch,)
+            if self.done[i]:
+                continue
+            job = self.jobs[i]
+            self.ids[i].append(token)
+            self._decode(i, final=False)
+            self.done[i] = (token in job.route.stop_token_ids or len(self.ids[i]) >= job.max_new_tokens
+                            or self.scanners[i].hit or job.cancelled.is_set())
+
+    def end(self) -> None:
+        for i in range(len(self.jobs)):
+            self._decode(i, final=True)
+            self._send(i, self.scanners[i].flush())
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = self.job.cancelled.is_set() or self.scanner.hit
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)  # (batch,)
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)  # (batch,)
+
+    def _decode(self, i: int, final: bool) -> None:
+        text = self.jobs[i].route.tok.decode(self.ids[i], skip_special_tokens=True)
+        if text.endswith("\ufffd") and not final:  # half a UTF-8 character: wait for the rest
+            return
+        self._send(i, self.scanners[i].feed(text[self.sent[i]:]))
+        self.sent[i] = len(text)
+
+    def _send(self, i: int, text: str) -> None:
+        if text:
+            self.pieces[i].append(text)
+            self.jobs[i].emit("text", text)
+
+    def result(self, i: int) -> Result:
+        ids, stops = self.ids[i], self.jobs[i].route.stop_token_ids
+        stopped = self.scanners[i].hit or (bool(ids) and ids[-1] in stops)
+        return Result("".join(self.pieces[i]), len(self.jobs[i].input_ids), len(ids), "stop" if stopped else "length")
+
+
+def batch_key(job: Job) -> tuple:
+    """Jobs with equal keys can share one generate() call: same stop and pad tokens and the same sampling.
+    A seeded sample is reproducible only alone, so it gets a key of its own."""
+    sampling = job.temperature >= GREEDY_BELOW
+    if sampling and job.seed is not None:
+        return ("alone", id(job))
+    return (tuple(job.route.stop_token_ids), job.route.pad_token_id, sampling,
+            job.temperature if sampling else 0.0, job.top_p if sampling else 1.0)
 
 
 class Engine:
     def __init__(self, model: torch.nn.Module, routes: list[Route], *, max_queue: int = 16, max_tokens: int = 512,
-                 autocast: torch.dtype | None = None):
+                 max_batch: int = 4, batch_wait: float = 0.01, autocast: torch.dtype | None = None):
         self.model, self.autocast = model, autocast
         self.routes = {r.name: r for r in routes}
-        self.max_tokens = max_tokens
+        self.max_tokens, self.max_queue, self.max_batch, self.batch_wait = max_tokens, max_queue, max_batch, batch_wait
         self.device = next(model.parameters()).device
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
         self._thread: threading.Thread | None = None
-
     @classmethod
     def load(cls, model_or_run: str, adapters: dict[str, str] | None = None, *, device: str = "auto",
-             precision: str = "auto", max_queue: int = 16, max_tokens: int = 512) -> Engine:
+             precision: str = "auto", max_queue: int = 16, max_tokens: int = 512, max_batch: int = 4) -> Engine:
         """The base of `model_or_run` (a model, or a run whose adapter is served under the run folder's name)
         plus `adapters` {name: run dir}, every one trained on that same base."""
         adapters = dict(adapters or {})
@@ -163,7 +221,8 @@ class Engine:
             routes.append(Route(name, peft_name, tok, meta["stop_token_ids"], meta["pad_token_id"],
                                 meta.get("max_length", loaded.max_length), parent=base_name))
         model.eval()
-        return cls(model, routes, max_queue=max_queue, max_tokens=max_tokens, autocast=loaded.autocast)
+        return cls(model, routes, max_queue=max_queue, max_tokens=max_tokens, max_batch=max_batch,
+                   autocast=loaded.autocast)
 
     # ---- requests --------------------------------------------------------------------------------------------
 
@@ -193,78 +252,101 @@ class Engine:
         return min(requested or self.max_tokens, self.max_tokens, room)
 
     def submit(self, job: Job) -> None:
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"the server is busy ({self._queue.maxsize} requests waiting); retry later") from None
+        with self._cond:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the server is busy ({self.max_queue} requests waiting); retry later")
+            self._waiting.append(job)
+            self._cond.notify()
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
     # ---- the worker ------------------------------------------------------------------------------------------
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            self._closing = False
             self._thread = threading.Thread(target=self._work, name="medtune-serve-worker", daemon=True)
             self._thread.start()
 
     def close(self) -> None:
-        """Finish the job in hand, then stop; jobs still queued are told so."""
-        if self._thread is None:
-            return
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.emit("error", RuntimeError("the server is shutting down"))
-        self._queue.put(None)
-        self._thread.join()
-        self._thread = None
+        """Finish the batch in hand, then stop; jobs still waiting are told so."""
+        with self._cond:
+            self._closing = True
+            while self._waiting:
+                self._waiting.popleft().emit("error", RuntimeError("the server is shutting down"))
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest waiting job plus up to max_batch - 1 waiting jobs that can share its generate() call,
+        waiting `batch_wait` seconds for more to arrive (clients answered together come back together)."""
+        with self._cond:
+            while not self._waiting and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                return None
+            first = self._waiting.popleft()
+            batch, key = [first], batch_key(first)
+            deadline = time.monotonic() + self.batch_wait
+            while True:
+                for job in [j for j in self._waiting if batch_key(j) == key][:self.max_batch - len(batch)]:
+                    self._waiting.remove(job)
+                    batch.append(job)
+                left = deadline - time.monotonic()
+                if len(batch) >= self.max_batch or left <= 0 or self._closing:
+                    return batch
+                self._cond.wait(left)
 
     def _work(self) -> None:
-        while (job := self._queue.get()) is not None:
-            if job.cancelled.is_set():
+        while (batch := self._next_batch()) is not None:
+            batch = [j for j in batch if not j.cancelled.is_set()]
+            if not batch:
                 continue
             try:
-                job.emit("done", self._generate(job))
+                for job, result in zip(batch, self._generate(batch), strict=True):
+                    job.emit("done", result)
             except Exception as e:  # a bug or an out-of-memory must not kill the worker
                 log.exception("generation failed")
-                job.emit("error", e)
+                for job in batch:
+                    job.emit("error", e)
 
     @torch.inference_mode()
-    def _generate(self, job: Job) -> Result:
-        route, model = job.route, self.model
-        if route.adapter is not None:
-            model.set_adapter(route.adapter)
-            adapter_ctx = nullcontext()
-        else:
-            adapter_ctx = model.disable_adapter() if isinstance(model, PeftModel) else nullcontext()
-        scanner, pieces = StopScanner(job.stop), []
-
-        def on_text(piece: str) -> None:
-            if out := scanner.feed(piece):
-                pieces.append(out)
-                job.emit("text", out)
-
-        ids = torch.tensor([job.input_ids], device=self.device)  # (1, prompt)
-        kwargs = dict(max_new_tokens=job.max_new_tokens, eos_token_id=route.stop_token_ids,
-                      pad_token_id=route.pad_token_id, do_sample=job.temperature >= GREEDY_BELOW)
+    def _generate(self, jobs: list[Job]) -> list[Result]:
+        """One generate() call for jobs that share a batch_key, left-padded to the longest prompt. One adapter:
+        switched on (or off for the base); several: peft's mixed-adapter batch (`adapter_names`)."""
+        model, first = self.model, jobs[0]
+        adapters = {j.route.adapter for j in jobs}
+        extra: dict = {}
+        adapter_ctx = nullcontext()
+        if len(adapters) > 1:
+            extra["adapter_names"] = [j.route.adapter or "__base__" for j in jobs]
+        elif (adapter := adapters.pop()) is not None:
+            model.set_adapter(adapter)
+        elif isinstance(model, PeftModel):
+            adapter_ctx = model.disable_adapter()
+        pad = first.route.pad_token_id
+        width = max(len(j.input_ids) for j in jobs)
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)  # (batch, prompt), padded on the left
+        mask = torch.zeros_like(ids)
+        for i, j in enumerate(jobs):
+            ids[i, width - len(j.input_ids):] = torch.tensor(j.input_ids)
+            mask[i, width - len(j.input_ids):] = 1
+        rows = _Rows(jobs)
+        kwargs = dict(max_new_tokens=max(j.max_new_tokens for j in jobs), eos_token_id=first.route.stop_token_ids,
+                      pad_token_id=pad, do_sample=first.temperature >= GREEDY_BELOW)
         if kwargs["do_sample"]:
-            kwargs.update(temperature=job.temperature, top_p=job.top_p, top_k=None)
-            if job.seed is not None:
-                torch.manual_seed(job.seed)  # one worker: the global generator is ours alone
+            kwargs.update(temperature=first.temperature, top_p=first.top_p, top_k=None)
+            if first.seed is not None:
+                torch.manual_seed(first.seed)  # one worker, a seeded job alone: the global generator is ours
         autocast = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None
                     else nullcontext())
         with adapter_ctx, autocast:
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 streamer=_CallbackStreamer(route.tok, on_text),
-                                 stopping_criteria=StoppingCriteriaList([_Halt(job, scanner)]), **kwargs)
-        if tail := scanner.flush():
-            pieces.append(tail)
-            job.emit("text", tail)
-        new = out[0, ids.shape[1]:].tolist()  # (generated,)
-        stopped = scanner.hit or (bool(new) and new[-1] in route.stop_token_ids)
-        return Result("".join(pieces), len(job.input_ids), len(new), "stop" if stopped else "length")
+            model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), streamer=rows,
+                           stopping_criteria=StoppingCriteriaList([rows]), **kwargs, **extra)
+        return [rows.result(i) for i in range(len(jobs))]
