@@ -151,7 +151,8 @@ def cmd_bench_serve(args) -> int:
     from medtune.bench.serve import format_table, run_serve_bench
 
     result = run_serve_bench(args.model, adapters=args.adapter or [], clients=args.clients, seconds=args.seconds,
-                             max_tokens=args.max_tokens, schemathesis_examples=args.schemathesis_examples,
+                             max_tokens=args.max_tokens, max_batch=args.max_batch,
+                             schemathesis_examples=args.schemathesis_examples,
                              json_path=args.json, command=shlex.join(["medtune", *sys.argv[1:]]))
     print(format_table(result))
     if args.json:
@@ -286,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clients", type=int, default=4, help="concurrent streaming clients")
     q.add_argument("--seconds", type=float, default=30.0, help="how long clients send requests")
     q.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
+    q.add_argument("--max-batch", type=int, default=4, help="the server's --max-batch (1 = one request at a time)")
     q.add_argument("--schemathesis-examples", type=int, default=20, help="schemathesis examples per operation; "
                    "0 skips schemathesis")
     q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")

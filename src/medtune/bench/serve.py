@@ -48,13 +48,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def server_process(model: str, adapters: list[str], *, max_tokens: int, max_queue: int, log_path: Path):
+def server_process(model: str, adapters: list[str], *, max_tokens: int, max_queue: int, log_path: Path,
+                   max_batch: int = 4):
     """`medtune serve` in a subprocess on a free loopback port; yields its base URL once /health answers."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "medtune.cli", "serve", model, "--port", str(port), "--max-tokens", str(max_tokens),
-           "--max-queue", str(max_queue)]
+           "--max-queue", str(max_queue), "--max-batch", str(max_batch)]
     for a in adapters:
         cmd += ["--adapter", a]
     env = {k: v for k, v in os.environ.items() if k != "MEDTUNE_API_KEY"}
@@ -206,22 +207,24 @@ def run_schemathesis(url: str, examples: int, workdir: Path) -> dict:
 # ---- the bench -----------------------------------------------------------------------------------------------
 
 def run_serve_bench(model: str | None = None, *, adapters: list[str] = (), clients: int = 4, seconds: float = 30.0,
-                    max_tokens: int = 64, schemathesis_examples: int = 20, json_path: str | Path | None = None,
-                    command: str | None = None) -> dict:
-    if clients < 1 or seconds <= 0 or max_tokens < 1 or schemathesis_examples < 0:
-        raise MedtuneError("--clients and --max-tokens must be >= 1, --seconds > 0, --schemathesis-examples >= 0")
+                    max_tokens: int = 64, max_batch: int = 4, schemathesis_examples: int = 20,
+                    json_path: str | Path | None = None, command: str | None = None) -> dict:
+    if min(clients, max_tokens, max_batch) < 1 or seconds <= 0 or schemathesis_examples < 0:
+        raise MedtuneError("--clients, --max-tokens and --max-batch must be >= 1, --seconds > 0, "
+                           "--schemathesis-examples >= 0")
     model = model or DEFAULT_MODEL
     if schemathesis_examples:
         _schemathesis_cmd()  # fail before the slow part
     import httpx
 
     result: dict = {"command": command, "model": model, "adapters": list(adapters), "clients": clients,
-                    "seconds": seconds, "max_tokens": max_tokens, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "seconds": seconds, "max_tokens": max_tokens, "max_batch": max_batch,
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "cpus": os.cpu_count(), "load_avg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="medtune-bench-serve-") as tmp:
         work = Path(tmp)
         with server_process(model, list(adapters), max_tokens=max_tokens, max_queue=max(16, clients),
-                            log_path=work / "load-server.log") as url:
+                            max_batch=max_batch, log_path=work / "load-server.log") as url:
             models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
             result["served_models"] = models
             records = asyncio.run(load_test(url, models, clients=clients, seconds=seconds, max_tokens=max_tokens))
@@ -245,7 +248,8 @@ def _fmt(value, spec: str) -> str:
 def format_table(result: dict) -> str:
     load = result["load"]
     lines = [f"medtune serve: {result['model']} ({', '.join(result['served_models'])}), {result['clients']} streaming "
-             f"clients for {result['seconds']:g} s, max_tokens {result['max_tokens']}",
+             f"clients for {result['seconds']:g} s, max_tokens {result['max_tokens']}, "
+             f"max_batch {result['max_batch']}",
              "",
              f"{'model':<28} {'req':>5} {'err':>4} {'req/s':>7} {'tok/s':>7} {'p50 s':>7} {'p95 s':>7} "
              f"{'ttft50':>7} {'ttft95':>7}"]
