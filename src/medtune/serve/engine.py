@@ -171,6 +171,9 @@ def batch_key(job: Job) -> tuple:
 
 
 class Engine:
+    """The model, its routes (servable ids) and the worker. `submit` queues a Job or raises QueueFull; the
+    worker thread (`start`/`close`, tied to the app's lifespan) answers jobs in batches via their `emit`."""
+
     def __init__(self, model: torch.nn.Module, routes: list[Route], *, max_queue: int = 16, max_tokens: int = 512,
                  max_batch: int = 4, batch_wait: float = 0.01, autocast: torch.dtype | None = None):
         self.model, self.autocast = model, autocast
