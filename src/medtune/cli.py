@@ -147,6 +147,28 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from medtune.serve.app import API_KEY_ENV, run_server
+
+    run_server(args.model, args.adapter or [], host=args.host, port=args.port,
+               api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_queue=args.max_queue,
+               max_tokens=args.max_tokens, max_batch=args.max_batch, device=args.device)
+    return 0
+
+
+def cmd_bench_serve(args) -> int:
+    from medtune.bench.serve import format_table, run_serve_bench
+
+    result = run_serve_bench(args.model, adapters=args.adapter or [], clients=args.clients, seconds=args.seconds,
+                             max_tokens=args.max_tokens, max_batch=args.max_batch,
+                             schemathesis_examples=args.schemathesis_examples,
+                             json_path=args.json, command=shlex.join(["medtune", *sys.argv[1:]]))
+    print(format_table(result))
+    if args.json:
+        print(f"\nresults: {args.json}")
+    return 0
+
+
 def cmd_bench_train(args) -> int:
     from medtune.bench.train import bench_config, format_table, run_bench
 
@@ -323,6 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.set_defaults(func=cmd_push)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a base model and its adapters",
+                       description="Serve a model or run over an OpenAI-compatible API (/v1/chat/completions, "
+                       "/v1/completions, /v1/models, /health, /openapi.json). The request's `model` field picks the "
+                       "base or an adapter. Requests wait in a bounded queue (429 when full) and are answered "
+                       "in batches of up to --max-batch. Not medical advice.")
+    p.add_argument("model", help="model name, model folder or run directory (a run's adapter is served under the "
+                   "run folder's name, its base under the base's name)")
+    p.add_argument("--adapter", action="append", metavar="NAME=RUN", help="also serve the adapter of run directory "
+                   "RUN as model NAME (repeatable; every run must be trained on the same base)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
+                   "(default: $MEDTUNE_API_KEY, else no key)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429")
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens (and the default)")
+    p.add_argument("--max-batch", type=int, default=4, help="waiting requests answered together in one batch "
+                   "(1 = one at a time)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("bench", help="benchmarks on this machine: medtune against the seed recipe and TRL")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     q = bench_sub.add_parser("train", help="tokens/s, peak memory, loss and MFU of seed, TRL and medtune training",
@@ -364,6 +406,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--systems", default="pipeline,medtune", help="comma-separated subset of pipeline,medtune")
     q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
     q.set_defaults(func=cmd_bench_generate)
+    q = bench_sub.add_parser("serve", help="load test `medtune serve` on loopback, then fuzz its API with schemathesis",
+                             description="Start `medtune serve` in a subprocess on a free loopback port, run N "
+                             "concurrent streaming chat clients for a bounded time (requests/s, tokens/s, p50/p95 "
+                             "latency and time to first token, errors), then run schemathesis against /openapi.json "
+                             "and count server errors (5xx).")
+    q.add_argument("model", nargs="?", default=None, help="model name, folder or run (default smollm2-135m-instruct)")
+    q.add_argument("--adapter", action="append", metavar="NAME=RUN", help="adapters to serve too; clients spread "
+                   "their requests over the base and every adapter")
+    q.add_argument("--clients", type=int, default=4, help="concurrent streaming clients")
+    q.add_argument("--seconds", type=float, default=30.0, help="how long clients send requests")
+    q.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
+    q.add_argument("--max-batch", type=int, default=4, help="the server's --max-batch (1 = one request at a time)")
+    q.add_argument("--schemathesis-examples", type=int, default=20, help="schemathesis examples per operation; "
+                   "0 skips schemathesis")
+    q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
+    q.set_defaults(func=cmd_bench_serve)
     return parser
 
 
