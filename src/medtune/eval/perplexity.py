@@ -32,8 +32,8 @@ class Window:
 
 def windows(samples: list[Sample], window: int, stride: int, all_tokens: bool = False) -> list[Window]:
     """Split texts into scoring windows; targets are the next token's label (all tokens with `all_tokens`)."""
-    if not 0 < stride <= window:
-        raise MedtuneError(f"stride must be in 1..{window}, got {stride}", field="--stride")
+    if not 0 < stride < window:  # stride == window would leave each window's first token without context
+        raise MedtuneError(f"stride must be in 1..{window - 1} (window {window}), got {stride}", field="--stride")
     out = []
     for doc, s in enumerate(samples):
         labels = s.input_ids if all_tokens else s.labels

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medtune.errors import MedtuneError
-from medtune.eval.benchmarks import BENCHMARKS
+from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
 from medtune.generate import Loaded, is_run_dir
 
@@ -67,8 +67,10 @@ def check_options(opts: EvalOptions) -> None:
     if opts.compare_base and not is_run_dir(opts.model):
         raise MedtuneError("--compare-base needs a run directory (base model + adapter)", file=opts.model)
     for task in opts.tasks:
-        if task in BENCHMARKS and task not in opts.data:
-            raise MedtuneError(f"{task} needs its file: --data {task}=PATH", field="--data")
+        if task in BENCHMARKS:
+            if task not in opts.data:
+                raise MedtuneError(f"{task} needs its file: --data {task}=PATH", field="--data")
+            read_benchmark(task, opts.data[task])  # a malformed file stops us before the model loads
         if task == "rouge" and task not in opts.data and not is_run_dir(opts.model) and not opts.recipe:
             raise MedtuneError("rouge needs --data FILE (and data.format=... for its layout)", field="--data")
         if task == "perplexity" and task not in opts.data and not is_run_dir(opts.model):
