@@ -175,3 +175,18 @@ def parse_paths(values: list[str] | None, tasks: list[str], flag: str) -> dict[s
 def parse_tasks(values: list[str]) -> list[str]:
     """`--task a,b --task c` → [a, b, c], in order, without repeats."""
     return list(dict.fromkeys(t.strip() for v in values for t in v.split(",") if t.strip()))
+
+
+def after_train(recipe, run_dir, loaded: Loaded) -> list[TaskResult]:
+    """The recipe's `eval.after_train` tasks on the freshly trained model, written to RUN/eval and the card."""
+    from medtune.eval.report import write_run_results
+
+    cfg = recipe.eval
+    data = {t: getattr(cfg, t) for t in cfg.after_train if t != "perplexity" and getattr(cfg, t)}
+    opts = EvalOptions(model=str(run_dir), tasks=list(cfg.after_train), data=data, fewshot=cfg.fewshot,
+                       fewshot_data=dict(cfg.fewshot_data), limit=cfg.limit, batch_size=16,
+                       compare_base=cfg.compare_base)
+    results = run_eval(opts, loaded)
+    write_run_results(run_dir, results, model=str(run_dir), command="eval.after_train", fewshot=cfg.fewshot,
+                      limit=cfg.limit)
+    return results

@@ -173,6 +173,9 @@ def run_training(recipe: Recipe) -> TrainResult:
              "QLoRA " + recipe.quant.quant_type if quantized else "LoRA", "4 bits" if quantized else dtype, device)
 
     cfg = recipe.train
+    if cfg.early_stopping_patience and not (cfg.eval_steps and data.eval):
+        raise MedtuneError("train.early_stopping_patience needs train.eval_steps > 0 and held-out data",
+                           field="train.early_stopping_patience")
     plan = BatchPlan([len(s.input_ids) for s in data.train], cfg.batch_size, cfg.seed, packing=cfg.packing,
                      group_by_length=cfg.group_by_length, max_length=recipe.data.max_length)
     steps_per_epoch = math.ceil(len(plan) / cfg.grad_accum)
@@ -209,6 +212,7 @@ def run_training(recipe: Recipe) -> TrainResult:
     run_real, run_start = 0, time.perf_counter()
     last_logged: dict[str, float] = {}
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
+    stopper = EarlyStopping(cfg.early_stopping_patience)
     try:
         while state.step < total_steps:
             micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
@@ -236,7 +240,12 @@ def run_training(recipe: Recipe) -> TrainResult:
                 bar.set_postfix(loss=f"{last_logged['loss']:.4f}", tok_s=f"{last_logged['tokens_per_s']:.0f}")
                 window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
             if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps and data.eval:
-                tracker.log(evaluate(model, data.eval, **evaluate_kw), step=state.step)
+                result = evaluate(model, data.eval, **evaluate_kw)
+                tracker.log(result, step=state.step)
+                if stopper.should_stop(result["eval_loss"]):
+                    log.info("early stop at step %d: held-out loss has not improved for %d evaluations (best %.4f)",
+                             state.step, stopper.patience, stopper.best)
+                    break
             if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
                 save_checkpoint(run_dir, model, optimizer, scheduler, state)
     except Interrupted as stop:
@@ -272,8 +281,32 @@ def run_training(recipe: Recipe) -> TrainResult:
                                 data_report_lines=data.report.lines(), metrics=metrics, samples=samples, plots=plots,
                                 adapter_kind="QLoRA" if quantized else "LoRA"))
     tracker.close()
+    if recipe.eval.after_train:
+        from medtune.eval.suite import after_train
+
+        after_train(recipe, run_dir, _loaded(recipe, model, tok, chat, bf16))
     (run_dir / "metrics_final.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return TrainResult(run_dir, metrics, samples)
+
+
+def _loaded(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool) -> Loaded:
+    """The model in training as `generate`/`medtune eval` see a loaded run."""
+    return Loaded(model, tok, chat.stop_token_ids, chat.pad_token_id, recipe.model, True, recipe.data.max_length,
+                  torch.bfloat16 if bf16 else None)
+
+
+class EarlyStopping:
+    """Counts evaluations without a new best held-out loss; `should_stop` once `patience` pass (0 = never)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.stale = patience, math.inf, 0
+
+    def should_stop(self, loss: float) -> bool:
+        if loss < self.best:
+            self.best, self.stale = loss, 0
+        else:
+            self.stale += 1
+        return 0 < self.patience <= self.stale
 
 
 def _raise_interrupted(signum, frame):
@@ -290,8 +323,7 @@ def _sample_answers(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool) -> 
     """Greedy answers of the base (adapter off) and the tuned model to the recipe's sample prompts."""
     if not recipe.samples.prompts:
         return []
-    loaded = Loaded(model, tok, chat.stop_token_ids, chat.pad_token_id, recipe.model, True,
-                    recipe.data.max_length, torch.bfloat16 if bf16 else None)
+    loaded = _loaded(recipe, model, tok, chat, bf16)
     was_training = model.training
     model.eval()
     out = []
