@@ -77,7 +77,7 @@ def _jsonl(path: Path) -> list[tuple[int, dict]]:
 
 
 def _lettered(question: str, options: list[str], header: str = "") -> str:
-    return f"Question: {question}\n{header}" + "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options)) + "Answer:"
+    return f"Question: {question}\n{header}" + "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options, strict=True)) + "Answer:"
 
 
 def read_medqa(path: Path) -> list[Item]:
@@ -159,10 +159,10 @@ def read_mmlu_csv(path: Path) -> list[Item]:
                 raise MedtuneError(f"expected 6 columns (question, A, B, C, D, answer), got {len(row)}",
                                    file=str(path), row=n)
             question = _text(row[0], path, n, "question").strip()
-            options = [_text(v, path, n, k) for k, v in zip(LETTERS, row[1:5])]
+            options = [_text(v, path, n, k) for k, v in zip(LETTERS, row[1:5], strict=True)]
             if row[5].strip() not in LETTERS:
                 raise MedtuneError(f"answer must be A-D, got {row[5]!r}", file=str(path), row=n, field="answer")
-            query = f"{question}\n" + "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options)) + "Answer:"
+            query = f"{question}\n" + "".join(f"{k}. {v}\n" for k, v in zip(LETTERS, options, strict=True)) + "Answer:"
             items.append(Item(query, list(LETTERS), LETTERS.index(row[5].strip()), f"{path.name}:{n}"))
     return items
 
