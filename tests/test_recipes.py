@@ -20,7 +20,7 @@ from medtune.train.loop import run_training
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted([*REPO.glob("recipes/*.yaml"), *REPO.glob("recipes/*.yml")])
 SHARED = Path("/work/shared/data/train")
-COMMENTED_SECTIONS = ("data", "lora", "quant", "train")
+COMMENTED_SECTIONS = ("data", "lora", "quant", "train", "eval")
 
 SEED_000 = "llama2-7b-qlora-wiki-terms.yaml"
 DOCTOR_CHAT = "llama3-8b-qlora-doctor-chat.yaml"

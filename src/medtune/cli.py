@@ -23,7 +23,7 @@ def _setup_logging(verbose: bool) -> None:
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-        for noisy in ("peft", "bitsandbytes", "datasets", "httpx", "accelerate"):
+        for noisy in ("peft", "bitsandbytes", "datasets", "httpx", "accelerate", "lm_eval", "lm-eval"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         import warnings
 
@@ -169,6 +169,31 @@ def cmd_bench_serve(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from medtune.eval.suite import EvalOptions, parse_paths, parse_tasks, run_eval
+
+    tasks = parse_tasks(args.task)
+    opts = EvalOptions(model=args.model, tasks=tasks, data=parse_paths(args.data, tasks, "--data"),
+                       recipe=args.recipe, overrides=args.set or [], fewshot=args.fewshot,
+                       fewshot_data=parse_paths(args.fewshot_data, tasks, "--fewshot-data"), limit=args.limit,
+                       batch_size=args.batch_size, compare_base=args.compare_base, all_tokens=args.all_tokens,
+                       window=args.window, stride=args.stride, max_new_tokens=args.max_new_tokens,
+                       bootstrap=args.bootstrap, precision=args.precision, device=args.device)
+    results = run_eval(opts)
+    from medtune.eval import report
+    from medtune.generate import is_run_dir
+
+    context = {"model": args.model, "command": shlex.join(["medtune", *sys.argv[1:]]), "fewshot": args.fewshot,
+               "limit": args.limit}
+    print(report.markdown(results))
+    if is_run_dir(args.model) and not args.no_save:
+        written = report.write_run_results(args.model, results, **context)
+        print(f"\nresults: {', '.join(map(str, written))} (and the model card)")
+    if args.json:
+        print(f"results: {report.write_json(args.json, report.to_json(results, **context))}")
+    return 0
+
+
 def cmd_bench_train(args) -> int:
     from medtune.bench.train import bench_config, format_table, run_bench
 
@@ -237,6 +262,19 @@ def cmd_push(args) -> int:
     url = push_run(args.run, args.repo_id, merged=args.merged, private=args.private, dtype=args.dtype)
     print(f"pushed {'merged model' if args.merged else 'adapter'} to {args.repo_id}: {url}")
     return 0
+
+
+def cmd_bench_eval(args) -> int:
+    from medtune.bench.eval import EvalBenchConfig, format_table, parse_systems, run_bench
+
+    cfg = EvalBenchConfig(model=args.model or EvalBenchConfig.model, task=args.task, data=args.data,
+                          limit=args.limit or None, systems=parse_systems(args.systems), batch_size=args.batch_size,
+                          precision=args.precision)
+    result = run_bench(cfg, json_path=args.json, command=shlex.join(["medtune", *sys.argv[1:]]))
+    print(format_table(result))
+    if args.json:
+        print(f"\nresults: {args.json}")
+    return 1 if any(s.get("error") for s in result["systems"].values()) else 0
 
 
 def _print_side_by_side(samples: list[dict], width: int = 60) -> None:
@@ -365,6 +403,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("eval", help="perplexity, medical benchmarks (lm-eval), ROUGE; base vs tuned with CIs",
+                       description="Evaluate a model or a run. Benchmarks (medqa, pubmedqa, mmlu_medical, medmcqa) are "
+                       "read from local files in their public layouts and scored by log-likelihood with "
+                       "lm-evaluation-harness. Results of a run go to RUN/eval/<task>.json/.md and its model card.")
+    p.add_argument("model", help="model name (smollm2-135m-instruct), model folder, or run directory")
+    p.add_argument("--task", action="append", required=True, help="perplexity, medqa, pubmedqa, mmlu_medical, medmcqa, "
+                   "rouge; repeatable or comma-separated")
+    p.add_argument("--data", action="append", metavar="[TASK=]PATH", help="the task's file (mmlu_medical: a folder of "
+                   "<subject>_<split>.csv); perplexity of a run defaults to its held-out split")
+    p.add_argument("--fewshot", type=int, default=0, help="k-shot benchmark prompts (shots from --fewshot-data)")
+    p.add_argument("--fewshot-data", action="append", metavar="[TASK=]PATH", help="file the shots come from (first k)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (per MMLU subject)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--compare-base", action="store_true", help="also evaluate the base (adapter off) on the same "
+                   "items: delta and 95%% paired-bootstrap interval per metric")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for --compare-base")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write the results to FILE")
+    p.add_argument("--no-save", action="store_true", help="do not write RUN/eval/ or touch the model card")
+    p.add_argument("--all-tokens", action="store_true", help="perplexity over every token, not only the answers")
+    p.add_argument("--window", type=int, default=None, help="perplexity context window (default: the run's max_length)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window step for long texts (default window/2)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="rouge: longest generated answer")
+    p.add_argument("--recipe", default=None, help="recipe whose data section reads --data for perplexity/rouge "
+                   "(default: the run's own)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for reading --data, e.g. "
+                   "data.format=qa (repeatable)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 where fast")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("bench", help="benchmarks on this machine: medtune against the seed recipe and TRL")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")
     q = bench_sub.add_parser("train", help="tokens/s, peak memory, loss and MFU of seed, TRL and medtune training",
@@ -422,6 +490,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "0 skips schemathesis")
     q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
     q.set_defaults(func=cmd_bench_serve)
+    q = bench_sub.add_parser("eval", help="benchmark scoring speed and accuracy: medtune eval vs lm-eval's HF backend",
+                             description="Score the same benchmark items with the lm_eval command line (accuracy "
+                             "check), lm-eval's HF backend with its defaults, and medtune's eval path, each in its own "
+                             "process; print items/s, seconds and accuracy side by side.")
+    q.add_argument("--model", default=None, help="model name or folder (default smollm2-135m-instruct)")
+    q.add_argument("--task", default="pubmedqa", choices=["pubmedqa", "mmlu_medical", "medqa", "medmcqa"])
+    q.add_argument("--data", default=None, help="benchmark file (default ../shared/data/eval/<task's file>)")
+    q.add_argument("--limit", type=int, default=100, help="first N items (per MMLU subject); 0 = all")
+    q.add_argument("--systems", default="lm-eval-cli,lm-eval,medtune", help="comma-separated subset, run in order")
+    q.add_argument("--batch-size", type=int, default=16, help="medtune's batch size")
+    q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="medtune's precision")
+    q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
+    q.set_defaults(func=cmd_bench_eval)
     return parser
 
 

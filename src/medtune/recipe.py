@@ -100,6 +100,8 @@ class TrainConfig(Section):
                                                         "optimizer state and loss stay fp32.")
     eval_steps: int = Field(0, ge=0, description="Evaluate (loss, perplexity) every N steps; 0 = only before and after training.")
     eval_before: bool = Field(True, description="Measure held-out loss/perplexity of the base model before training.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop when held-out loss has not improved for this many "
+                                         "evaluations in a row (needs eval_steps > 0); 0 = never stop early.")
     logging_steps: int = Field(10, gt=0, description="Log loss, lr, grad norm and tokens/s every N steps.")
     save_steps: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps; 0 = only on interrupt and at the end.")
     keep_last_n: int = Field(0, ge=0, description="Keep only the newest N checkpoints (older ones are deleted once a newer "
@@ -109,6 +111,24 @@ class TrainConfig(Section):
         "which step), or skip_batch (drop that batch, no update; stops after 10 bad batches in a row).")
     seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto = cuda when available.")
+
+
+class EvalConfig(Section):
+    after_train: list[Literal["perplexity", "medqa", "pubmedqa", "mmlu_medical", "medmcqa", "rouge"]] = Field(
+        default_factory=list, description="`medtune eval` tasks run when training ends (base vs tuned on the same "
+        "items), written to RUN/eval/ and the model card. perplexity uses the held-out split; the others need their "
+        "file below.")
+    medqa: str | None = Field(None, description="MedQA 4-option .jsonl (question, options A-D, answer_idx).")
+    pubmedqa: str | None = Field(None, description="PubMedQA ori_pqal.json (QUESTION, CONTEXTS, final_decision).")
+    mmlu_medical: str | None = Field(None, description="Folder of MMLU <subject>_<split>.csv for the medical subjects.")
+    medmcqa: str | None = Field(None, description="MedMCQA .json (question, opa-opd, cop).")
+    rouge: str | None = Field(None, description="Dialogue/QA file for rouge, read with this recipe's data format.")
+    limit: int | None = Field(None, gt=0, description="Only the first N items of each benchmark (quick checks).")
+    fewshot: int = Field(0, ge=0, description="k-shot benchmark prompts; needs fewshot_data.")
+    fewshot_data: dict[str, str] = Field(default_factory=dict, description="Task → file the shots come from, "
+                                         "e.g. {mmlu_medical: mmlu/dev}.")
+    compare_base: bool = Field(True, description="Also score the base model (adapter off) and report deltas with "
+                               "95% paired-bootstrap intervals. Doubles the evaluation time.")
 
 
 class SamplesConfig(Section):
@@ -137,6 +157,7 @@ class Recipe(Section):
     quant: QuantConfig = Field(default_factory=QuantConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluations after training (`medtune eval`).")
 
 
     @field_validator("name")

@@ -218,6 +218,9 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
              f", {dist.world} processes" if dist.world > 1 else "")
 
     cfg = recipe.train
+    if cfg.early_stopping_patience and not (cfg.eval_steps and data.eval):
+        raise MedtuneError("train.early_stopping_patience needs train.eval_steps > 0 and held-out data",
+                           field="train.early_stopping_patience")
     plan = BatchPlan([len(s.input_ids) for s in data.train], cfg.batch_size, cfg.seed, packing=cfg.packing,
                      group_by_length=cfg.group_by_length, max_length=recipe.data.max_length)
     per_step = cfg.grad_accum * dist.world  # micro-batches consumed per optimizer step, all processes
@@ -271,6 +274,7 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
     last_logged: dict[str, float] = {}
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not dist.is_main)
+    stopper = EarlyStopping(cfg.early_stopping_patience)
     with StopSignals() as signals:
         try:
             while state.step < total_steps:
@@ -316,7 +320,12 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
                     window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
                 if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps and data.eval \
                         and can_eval:
-                    tracker.log(evaluate(model, data.eval, **evaluate_kw), step=state.step)
+                    result = evaluate(model, data.eval, **evaluate_kw)
+                    tracker.log(result, step=state.step)
+                    if stopper.should_stop(result["eval_loss"]):
+                        log.info("early stop at step %d: held-out loss has not improved for %d evaluations "
+                                 "(best %.4f)", state.step, stopper.patience, stopper.best)
+                        break
                 if stop:  # a signal reached some process during this step: all stop after it
                     raise Interrupted(signals.signum or signal.SIGTERM, step_finished=True)
                 if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < total_steps:
@@ -364,6 +373,10 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
                                 data_report_lines=data.report.lines(), metrics=metrics, samples=samples, plots=plots,
                                 adapter_kind="QLoRA" if quantized else "LoRA"))
     tracker.close()
+    if recipe.eval.after_train and can_eval:
+        from medtune.eval.suite import after_train
+
+        after_train(recipe, run_dir, _loaded(recipe, model, tok, chat, bf16))
     (run_dir / "metrics_final.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return TrainResult(run_dir, metrics, samples)
 
@@ -378,6 +391,26 @@ class _NoTracker:
         pass
 
 
+def _loaded(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool) -> Loaded:
+    """The model in training as `generate`/`medtune eval` see a loaded run."""
+    return Loaded(model, tok, chat.stop_token_ids, chat.pad_token_id, recipe.model, True, recipe.data.max_length,
+                  torch.bfloat16 if bf16 else None)
+
+
+class EarlyStopping:
+    """Counts evaluations without a new best held-out loss; `should_stop` once `patience` pass (0 = never)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.stale = patience, math.inf, 0
+
+    def should_stop(self, loss: float) -> bool:
+        if loss < self.best:
+            self.best, self.stale = loss, 0
+        else:
+            self.stale += 1
+        return 0 < self.patience <= self.stale
+
+
 def _optimizer(cfg, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
@@ -388,8 +421,7 @@ def _sample_answers(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool) -> 
     """Greedy answers of the base (adapter off) and the tuned model to the recipe's sample prompts."""
     if not recipe.samples.prompts:
         return []
-    loaded = Loaded(model, tok, chat.stop_token_ids, chat.pad_token_id, recipe.model, True,
-                    recipe.data.max_length, torch.bfloat16 if bf16 else None)
+    loaded = _loaded(recipe, model, tok, chat, bf16)
     was_training = model.training
     model.eval()
     out = []

@@ -1,0 +1,255 @@
+"""`medtune bench eval`: log-likelihood scoring speed of medtune's eval path vs lm-eval's HF backend, same items.
+
+The benchmark file is read once and written as lm-eval task YAMLs (`medtune.eval.benchmarks`) in a temp folder;
+every system scores exactly those tasks, each in its OWN subprocess, one after another:
+
+  lm-eval-cli  the `lm_eval` command line as a user runs it: `lm_eval run --model hf --model_args pretrained=DIR
+               --tasks ... --include_path TMP --log_samples` (all defaults: checkpoint dtype, batch 1). Its wall
+               time includes Python start-up and model load, so only its accuracy is compared (the trust check).
+  lm-eval      the same backend through the Python API: `HFLM(pretrained=DIR)` with its defaults, then
+               `simple_evaluate`; scoring time measured apart from loading.
+  medtune      `medtune.eval.harness.run_benchmark` on `load_for_inference(DIR)`: what `medtune eval` does.
+               Faster by design (see the harness module): a bf16 model object where the CPU has fast bf16,
+               batches of 16, inference_mode, and the output layer at the continuation positions only;
+               requests sorted longest-first and grouped by shared context (as lm-eval does).
+
+Reported per system: items, scoring seconds, items/s, acc (and acc_norm), items where its per-item accuracy
+agrees with lm-eval's; medtune/lm-eval ratio of items/s. Threads: torch's default (OMP_NUM_THREADS respected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from medtune.bench.train import _peak_rss_mb, _worker_env, machine_info, run_subprocess
+from medtune.errors import MedtuneError
+from medtune.recipe import DEFAULT_MODEL
+
+SYSTEMS = ("lm-eval-cli", "lm-eval", "medtune")
+SHARED_EVAL = Path("..") / "shared" / "data" / "eval"
+DEFAULT_DATA = {"pubmedqa": "pubmedqa_dev.json", "mmlu_medical": "mmlu_medical/val", "medqa": "medqa_4opt_sample.jsonl"}
+
+
+@dataclass
+class EvalBenchConfig:
+    model: str = DEFAULT_MODEL
+    task: str = "pubmedqa"
+    data: str | None = None  # default: ../shared/data/eval/<the task's file>
+    limit: int | None = 100
+    systems: tuple[str, ...] = SYSTEMS
+    batch_size: int = 16  # medtune's
+    precision: str = "auto"  # medtune's
+    timeout: float | None = None
+
+
+def find_data(task: str, spec: str | None) -> str:
+    if spec:
+        return spec
+    if task not in DEFAULT_DATA:
+        raise MedtuneError(f"no default file for {task}; pass --data", field="--data")
+    repo = Path(__file__).resolve().parents[3]
+    for base in (repo, Path.cwd()):
+        candidate = (base / SHARED_EVAL / DEFAULT_DATA[task]).resolve()
+        if candidate.exists():
+            return str(candidate)
+    raise MedtuneError(f"{SHARED_EVAL / DEFAULT_DATA[task]} not found; pass --data", field="--data")
+
+
+def parse_systems(text: str) -> tuple[str, ...]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SYSTEMS]
+    if unknown or not names:
+        raise MedtuneError(f"unknown system {', '.join(unknown) or '(none)'}; choose from {','.join(SYSTEMS)}",
+                           field="--systems")
+    return tuple(dict.fromkeys(names))
+
+
+# ---- workers (each in its own process) --------------------------------------------------------------------------
+
+def _items(out: dict, names: list[str]) -> list[float]:
+    """Per-item acc in task then document order, from lm-eval's samples."""
+    return [float(s["acc"]) for n in names for s in sorted(out["samples"][n], key=lambda s: s["doc_id"])]
+
+
+def _lm_eval_worker(cfg: dict) -> dict:
+    import torch
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    start = time.perf_counter()
+    # lm-eval's defaults, as `--model_args pretrained=DIR`; the API defaults to cuda, the CLI falls back to cpu
+    lm = HFLM(pretrained=cfg["model_dir"], device="cuda" if torch.cuda.is_available() else "cpu")
+    tasks = TaskManager(include_path=cfg["task_dir"], include_defaults=False)
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = simple_evaluate(model=lm, tasks=cfg["names"], task_manager=tasks, log_samples=True)
+    return {"load_s": load_s, "score_s": time.perf_counter() - start, "items_acc": _items(out, cfg["names"]),
+            "dtype": str(lm.model.dtype), "batch_size": lm.batch_size}
+
+
+def _medtune_worker(cfg: dict) -> dict:
+    import torch
+
+    from medtune.eval.harness import run_benchmark
+    from medtune.generate import load_for_inference
+
+    start = time.perf_counter()
+    loaded = load_for_inference(cfg["model_dir"], precision=cfg["precision"])
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    r = run_benchmark(loaded, cfg["task"], cfg["data"], limit=cfg["limit"], batch_size=cfg["batch_size"])
+    return {"load_s": load_s, "score_s": time.perf_counter() - start, "items_acc": [i["acc"] for i in r.items],
+            "dtype": str(next(loaded.model.parameters()).dtype), "batch_size": cfg["batch_size"],
+            "threads": torch.get_num_threads()}
+
+
+def run_worker(system: str, cfg: dict) -> dict:
+    start = time.perf_counter()
+    try:
+        out = _medtune_worker(cfg) if system == "medtune" else _lm_eval_worker(cfg)
+    except Exception as e:  # reported in the JSON; the other systems still run
+        import traceback
+
+        traceback.print_exc()
+        out = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+    out.update(system=system, peak_rss_mb=_peak_rss_mb(), worker_s=time.perf_counter() - start)
+    return out
+
+
+def _cli(cfg: dict, out_dir: Path, timeout: float | None) -> dict:
+    """The real `lm_eval` command line; acc per item from its --log_samples files."""
+    exe = Path(sys.executable).with_name("lm_eval")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "lm_eval"]
+    cmd += ["run", "--model", "hf", "--model_args", f"pretrained={cfg['model_dir']}", "--tasks", ",".join(cfg["names"]),
+            "--include_path", cfg["task_dir"], "--output_path", str(out_dir), "--log_samples"]
+    start = time.perf_counter()
+    import subprocess
+
+    try:
+        proc = subprocess.run(cmd, env=_worker_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        return {"error": f"exit code {proc.returncode}: {tail[-1] if tail else ''}", "command": shlex.join(cmd)}
+    items = []
+    for name in cfg["names"]:
+        [path] = sorted(out_dir.rglob(f"samples_{name}_*.jsonl"))[-1:]
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        items += [float(r["acc"]) for r in sorted(rows, key=lambda r: r["doc_id"])]
+    return {"wall_s": wall, "items_acc": items, "command": shlex.join(cmd), "dtype": "checkpoint (auto)",
+            "batch_size": 1}
+
+
+# ---- harness -------------------------------------------------------------------------------------------------
+
+def run_bench(cfg: EvalBenchConfig, *, json_path: str | Path | None = None, command: str | None = None) -> dict:
+    import os
+
+    from medtune.eval.harness import prepare_tasks
+    from medtune.models import resolve_model
+
+    model_dir = resolve_model(cfg.model)
+    data = find_data(cfg.task, cfg.data)
+    load_before = os.getloadavg()
+    systems: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="medtune-bench-eval-") as tmp:
+        task_dir = Path(tmp) / "tasks"
+        names, subsets = prepare_tasks(cfg.task, data, task_dir, limit=cfg.limit)
+        wcfg = {"model_dir": model_dir, "task": cfg.task, "data": data, "limit": cfg.limit, "names": names,
+                "task_dir": str(task_dir), "batch_size": cfg.batch_size, "precision": cfg.precision}
+        for system in cfg.systems:
+            print(f"[bench eval] {system} ...", file=sys.stderr, flush=True)
+            if system == "lm-eval-cli":
+                systems[system] = _cli(wcfg, Path(tmp) / "cli-out", cfg.timeout)
+                continue
+            cmd = [sys.executable, "-m", "medtune.bench.eval", "--worker", system, "--config", json.dumps(wcfg)]
+            systems[system], wall = run_subprocess(cmd, env=_worker_env(), timeout=cfg.timeout)
+            systems[system]["wall_s"] = wall
+    result = assemble(systems, n_items=sum(len(s.items) for s in subsets))
+    result.update(config={**asdict(cfg), "model_dir": model_dir, "data": data, "tasks": names},
+                  machine={**machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+                  command=command)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def assemble(systems: dict[str, dict], n_items: int) -> dict:
+    """Per system: acc, items/s (scoring only), agreement with lm-eval per item; medtune/lm-eval speed ratio."""
+    reference = next((systems[k]["items_acc"] for k in ("lm-eval", "lm-eval-cli")
+                      if k in systems and "items_acc" in systems[k]), None)
+    for s in systems.values():
+        items = s.pop("items_acc", None)
+        if items is None:
+            continue
+        s["items"] = len(items)
+        s["acc"] = sum(items) / len(items) if items else float("nan")
+        if "score_s" in s:
+            s["items_per_s"] = len(items) / s["score_s"] if s["score_s"] > 0 else float("nan")
+        if reference is not None and len(reference) == len(items):
+            s["agree_with_lm_eval"] = sum(a == b for a, b in zip(items, reference, strict=True))
+    ratio = None
+    if all("items_per_s" in systems.get(k, {}) for k in ("medtune", "lm-eval")):
+        ratio = systems["medtune"]["items_per_s"] / systems["lm-eval"]["items_per_s"]
+    acc_gap = None
+    if all("acc" in systems.get(k, {}) for k in ("medtune", "lm-eval-cli")):
+        acc_gap = 100 * (systems["medtune"]["acc"] - systems["lm-eval-cli"]["acc"])
+    return {"systems": systems, "n_items": n_items, "speedup_vs_lm_eval": ratio, "acc_points_vs_cli": acc_gap}
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def format_table(result: dict) -> str:
+    c, m = result["config"], result["machine"]
+    head = (f"{'system':<12} {'items':>5} {'items/s':>8} {'score s':>8} {'load s':>7} {'wall s':>7} {'acc':>7} "
+            f"{'agree':>6} {'dtype':>16} {'batch':>5}")
+    lines = [f"medtune bench eval: {c['model']} | {c['task']} ({', '.join(c['tasks'])}) | {result['n_items']} items | "
+             f"{c['data']}",
+             f"{m['torch_threads']} threads | load avg {m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f}",
+             "", head, "-" * len(head)]
+    for name, s in result["systems"].items():
+        if s.get("error"):
+            lines.append(f"{name:<12} error: {s['error']}")
+            continue
+        agree = f"{s['agree_with_lm_eval']}/{s['items']}" if "agree_with_lm_eval" in s else "-"
+        lines.append(f"{name:<12} {s['items']:>5} {_fmt(s.get('items_per_s'), '8.2f')} {_fmt(s.get('score_s'), '8.1f')} "
+                     f"{_fmt(s.get('load_s'), '7.1f')} {_fmt(s.get('wall_s'), '7.1f')} {_fmt(s['acc'], '7.4f')} "
+                     f"{agree:>6} {str(s.get('dtype', '-')):>16} {s.get('batch_size', '-')!s:>5}")
+    notes = []
+    if result.get("speedup_vs_lm_eval") is not None:
+        notes.append(f"items/s medtune/lm-eval {result['speedup_vs_lm_eval']:.2f}x")
+    if result.get("acc_points_vs_cli") is not None:
+        notes.append(f"acc medtune - lm_eval CLI {result['acc_points_vs_cli']:+.2f} points")
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m medtune.bench.eval",
+                                description="One benchmark worker (run by `medtune bench eval`).")
+    p.add_argument("--worker", required=True, choices=("lm-eval", "medtune"))
+    p.add_argument("--config", required=True, help="JSON object (see run_bench)")
+    args = p.parse_args(argv)
+    result = run_worker(args.worker, json.loads(args.config))
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+    return 1 if result.get("error") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

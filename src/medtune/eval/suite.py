@@ -1,0 +1,192 @@
+"""`medtune eval`: load the model once, run each task (tuned, and base with the adapter off), compare, report.
+
+Every task yields metrics plus per-item rows, so `--compare-base` can run a paired bootstrap on the same items:
+  benchmarks  rows [acc, acc_norm]             metrics acc, acc_norm (+ stderr)
+  perplexity  rows [summed NLL, tokens]        metric perplexity (lower is better)
+  rouge       rows [ROUGE-L, BLEU statistics]  metrics rougeL, bleu
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from medtune.errors import MedtuneError
+from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
+from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
+from medtune.generate import Loaded, is_run_dir
+
+log = logging.getLogger("medtune")
+TASKS = ("perplexity", *BENCHMARKS, "rouge")
+
+
+@dataclass
+class EvalOptions:
+    model: str  # model name/folder or run directory
+    tasks: list[str]
+    data: dict[str, str] = field(default_factory=dict)  # task → file (benchmarks, and perplexity/rouge rows)
+    recipe: str | None = None  # recipe whose data section reads perplexity/rouge rows (default: the run's)
+    overrides: list[str] = field(default_factory=list)  # key=value on that recipe, e.g. data.format=qa
+    fewshot: int = 0
+    fewshot_data: dict[str, str] = field(default_factory=dict)
+    limit: int | None = None
+    batch_size: int = 16
+    compare_base: bool = False
+    all_tokens: bool = False
+    window: int | None = None  # perplexity context; default: the run's max_length (2048 for a plain model)
+    stride: int | None = None
+    max_new_tokens: int = 128
+    bootstrap: int = 1000
+    precision: str = "auto"
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metrics: dict[str, float]  # the evaluated model's (tuned with --compare-base)
+    base: dict[str, float] | None = None
+    delta: dict[str, dict] | None = None  # metric → paired bootstrap row
+    subtasks: dict[str, dict] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        if self.base is None:
+            return {**self.metrics, **({"subtasks": self.subtasks} if self.subtasks else {})}
+        return {"base": self.base, "tuned": self.metrics, "delta": self.delta,
+                **({"subtasks": self.subtasks} if self.subtasks else {})}
+
+
+def check_options(opts: EvalOptions) -> None:
+    unknown = [t for t in opts.tasks if t not in TASKS]
+    if unknown or not opts.tasks:
+        raise MedtuneError(f"unknown task {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}",
+                           field="--task")
+    if opts.compare_base and not is_run_dir(opts.model):
+        raise MedtuneError("--compare-base needs a run directory (base model + adapter)", file=opts.model)
+    for task in opts.tasks:
+        if task in BENCHMARKS:
+            if task not in opts.data:
+                raise MedtuneError(f"{task} needs its file: --data {task}=PATH", field="--data")
+            read_benchmark(task, opts.data[task])  # a malformed file stops us before the model loads
+        if task == "rouge" and task not in opts.data and not is_run_dir(opts.model) and not opts.recipe:
+            raise MedtuneError("rouge needs --data FILE (and data.format=... for its layout)", field="--data")
+        if task == "perplexity" and task not in opts.data and not is_run_dir(opts.model):
+            raise MedtuneError("perplexity of a plain model needs --data FILE", field="--data")
+
+
+# One function per task kind: (loaded, opts, use_adapter) → (metrics, per-item rows, subtasks).
+
+def _benchmark(task: str):
+    def run(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
+        from medtune.eval.harness import make_lm, run_benchmark
+
+        if "lm" not in cache:  # one lm-eval wrapper for the tuned and the base pass
+            cache["lm"] = make_lm(loaded, opts.batch_size)
+        r = run_benchmark(loaded, task, opts.data[task], fewshot=opts.fewshot, fewshot_data=opts.fewshot_data.get(task),
+                          limit=opts.limit, use_adapter=use_adapter, lm=cache["lm"])
+        return r.metrics, [[i["acc"], i["acc_norm"]] for i in r.items], r.subtasks
+    return run
+
+
+def _perplexity(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
+    from medtune.eval.inputs import eval_recipe, read_samples
+    from medtune.eval.perplexity import perplexity
+
+    if "samples" not in cache:
+        data = opts.data.get("perplexity")
+        recipe = eval_recipe(opts.model, data, opts.recipe, opts.overrides)
+        samples = read_samples(recipe, loaded.tok, held_out=data is None)
+        cache["samples"] = samples[: opts.limit] if opts.limit else samples
+    p = perplexity(loaded, cache["samples"], window=opts.window, stride=opts.stride, batch_size=max(1, opts.batch_size // 2),
+                   all_tokens=opts.all_tokens, use_adapter=use_adapter, progress=opts.progress)
+    return p.metrics(), [list(d) for d in p.docs], {}
+
+
+def _rouge(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
+    from medtune.eval.inputs import eval_recipe, read_dialogues
+    from medtune.eval.rouge import generate_batch, score
+
+    if "dialogues" not in cache:
+        cache["dialogues"] = read_dialogues(eval_recipe(opts.model, opts.data.get("rouge"), opts.recipe,
+                                                        opts.overrides), opts.limit)
+    dialogues = cache["dialogues"]
+    answers = generate_batch(loaded, [d[0] for d in dialogues], max_new_tokens=opts.max_new_tokens,
+                             batch_size=max(1, opts.batch_size // 2), use_adapter=use_adapter, progress=opts.progress)
+    metrics, rows = score(answers, [d[1] for d in dialogues])
+    return metrics, rows, {}
+
+
+RUNNERS = {"perplexity": _perplexity, "rouge": _rouge, **{b: _benchmark(b) for b in BENCHMARKS}}
+
+
+def _statistics(task: str) -> dict[str, tuple]:
+    """metric → (statistic over per-item rows, higher is better)."""
+    if task == "perplexity":
+        return {"perplexity": (perplexity_of, False)}
+    if task == "rouge":
+        from medtune.eval.rouge import bleu, rouge_l
+
+        return {"rougeL": (rouge_l, True), "bleu": (lambda rows: bleu(rows.tolist()), True)}
+    return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True)}
+
+
+def run_task(loaded: Loaded, task: str, opts: EvalOptions) -> TaskResult:
+    """One task on the loaded model (and, with compare_base, on its base: adapter off, same items)."""
+    cache: dict = {}
+    metrics, rows, subtasks = RUNNERS[task](loaded, opts, True, cache)
+    if not opts.compare_base:
+        return TaskResult(task, metrics, subtasks=subtasks)
+    base, base_rows, base_subtasks = RUNNERS[task](loaded, opts, False, cache)
+    delta = {metric: paired_bootstrap(np.asarray(base_rows), np.asarray(rows), stat, iters=opts.bootstrap,
+                                      higher_is_better=higher)
+             for metric, (stat, higher) in _statistics(task).items()}
+    if subtasks:
+        subtasks = {name: {"base": base_subtasks[name], "tuned": m} for name, m in subtasks.items()}
+    return TaskResult(task, metrics, base, delta, subtasks)
+
+
+def run_eval(opts: EvalOptions, loaded: Loaded | None = None) -> list[TaskResult]:
+    """Every task of opts on one loaded model (loaded here unless given)."""
+    check_options(opts)
+    if loaded is None:
+        from medtune.generate import load_for_inference
+
+        loaded = load_for_inference(opts.model, device=opts.device, precision=opts.precision)
+    return [run_task(loaded, task, opts) for task in opts.tasks]
+
+
+def parse_paths(values: list[str] | None, tasks: list[str], flag: str) -> dict[str, str]:
+    """`--data PATH` (one task) or `--data TASK=PATH` (repeatable) → {task: path}."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        if sep and name in TASKS:
+            out[name] = path
+        elif len(tasks) == 1:
+            out[tasks[0]] = value
+        else:
+            raise MedtuneError(f"with several tasks, write {flag} TASK=PATH (got {value!r})", field=flag)
+    return out
+
+
+def parse_tasks(values: list[str]) -> list[str]:
+    """`--task a,b --task c` → [a, b, c], in order, without repeats."""
+    return list(dict.fromkeys(t.strip() for v in values for t in v.split(",") if t.strip()))
+
+
+def after_train(recipe, run_dir, loaded: Loaded) -> list[TaskResult]:
+    """The recipe's `eval.after_train` tasks on the freshly trained model, written to RUN/eval and the card."""
+    from medtune.eval.report import write_run_results
+
+    cfg = recipe.eval
+    data = {t: getattr(cfg, t) for t in cfg.after_train if t != "perplexity" and getattr(cfg, t)}
+    opts = EvalOptions(model=str(run_dir), tasks=list(cfg.after_train), data=data, fewshot=cfg.fewshot,
+                       fewshot_data=dict(cfg.fewshot_data), limit=cfg.limit, batch_size=16,
+                       compare_base=cfg.compare_base)
+    results = run_eval(opts, loaded)
+    write_run_results(run_dir, results, model=str(run_dir), command="eval.after_train", fewshot=cfg.fewshot,
+                      limit=cfg.limit)
+    return results
