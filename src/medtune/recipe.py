@@ -91,6 +91,9 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps used for warm-up.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm to this; 0 = no clipping.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    release_memory: bool = Field(False, description="CPU only: hand freed activation memory back to the OS at once "
+                                 "(glibc mmap threshold). Peak RSS -1.5 GB on SmolLM2 batch 4 x 512, but steps ~40% "
+                                 "slower (fresh pages every step). For machines where memory, not time, is short.")
     packing: bool = Field(True, description="Pack several examples into each row of max_length (position ids restart "
                           "per example, no attention across them): no compute spent on padding. batch_size then counts "
                           "rows. false = one padded example per row.")

@@ -4,8 +4,10 @@ A training step allocates and frees a few GB of activations. glibc's malloc serv
 threshold with fresh mappings and returns them on free, but it raises that threshold each time such a block is
 freed (up to 32 MB), so from the second step on the activations (1-5 MB tensors) come from the heap, which
 fragments and keeps growing: measured on SmolLM2-135M, batch 4 x 512, peak RSS 3.5 GB after step 1 and 4.3 GB
-from step 2 on. A fixed threshold stops the drift: peak 2.9 GB at every step (see bench/RESULTS.md for the
-time it costs). Linux + glibc only; elsewhere nothing changes.
+from step 2 on. A fixed threshold stops the drift: peak 3.0 GB at every step, but every step then faults in
+fresh zeroed pages for all its activations: measured on a quiet machine, 6.7 → 9.5 s per step (~40 % slower).
+So it is opt-in (`train.release_memory`), for machines short of memory rather than time. Linux + glibc only;
+elsewhere nothing changes.
 """
 
 from __future__ import annotations

@@ -171,7 +171,7 @@ def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
     if not dist.is_main:
         log.setLevel(logging.WARNING)
     device = pick_device(cfg.device) if isinstance(dist, Single) else dist.device
-    if device.type == "cpu":
+    if device.type == "cpu" and cfg.release_memory:
         return_freed_memory_to_os()
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
     dtype = torch.bfloat16 if bf16 else torch.float32

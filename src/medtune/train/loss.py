@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK = 1024  # rows of logits alive at once; 1024 × 49,152 × 4 B ≈ 200 MB
+CHUNK = 256  # rows of logits alive at once: 256 × 49,152 × (2 + 4 + 2) B ≈ 100 MB; 1024 rows cost 380 MB more peak
+# RSS on SmolLM2 batch 4 x 512 at the same speed (measured 6.5 vs 6.7 s per step)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
