@@ -167,11 +167,6 @@ def load_base_model(model_dir: str, *, dtype: torch.dtype, device: torch.device,
     """The frozen base model, in `dtype`, or in 4 bits when `quant.load_in_4bit` (QLoRA)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    if attn_implementation == "packed":
-        from medtune.attention import NAME
-
-        attn_implementation = NAME
-
     kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
                   attn_implementation=attn_implementation)
     if quant is not None and quant.load_in_4bit:

@@ -151,9 +151,7 @@ class Recipe(Section):
         default_factory=list, description="Experiment trackers besides metrics.jsonl and PNG plots.")
     wandb_project: str = Field("medtune", description="W&B project (offline mode works without an account).")
     trust_remote_code: bool = Field(False, description="Run Python code shipped with a hub model. Off unless you trust it.")
-    attn_implementation: str = Field("packed", description="Attention kernel: packed (SDPA once per document of a "
-                                     "packed row, no cross-document mask; plain SDPA otherwise), sdpa, eager, or "
-                                     "flash_attention_2 (CUDA, when installed).")
+    attn_implementation: str = Field("sdpa", description="Attention kernel: sdpa, eager, or flash_attention_2 (CUDA).")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Chat template, system prompt, padding.")
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
