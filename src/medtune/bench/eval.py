@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from medtune.bench.train import _peak_rss_mb, _worker_env, machine_info, run_subprocess
+from medtune.bench.train import _fmt, _peak_rss_mb, _worker_env, machine_info, run_subprocess
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
@@ -207,12 +206,6 @@ def assemble(systems: dict[str, dict], n_items: int) -> dict:
     if all("acc" in systems.get(k, {}) for k in ("medtune", "lm-eval-cli")):
         acc_gap = 100 * (systems["medtune"]["acc"] - systems["lm-eval-cli"]["acc"])
     return {"systems": systems, "n_items": n_items, "speedup_vs_lm_eval": ratio, "acc_points_vs_cli": acc_gap}
-
-
-def _fmt(value, spec: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return format(value, spec)
 
 
 def format_table(result: dict) -> str:
