@@ -217,11 +217,10 @@ def cmd_bench_scale(args) -> int:
 
 
 def cmd_bench_generate(args) -> int:
-    from medtune.bench.generate import format_table, run_bench
+    from medtune.bench.generate import SYSTEMS, format_table, run_bench
+    from medtune.bench.train import parse_systems
 
-    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    if not systems or any(s not in ("pipeline", "medtune") for s in systems):
-        raise MedtuneError(f"choose from pipeline,medtune, got {args.systems!r}", field="--systems")
+    systems = parse_systems(args.systems, SYSTEMS)
     result = run_bench(model=args.model, max_new_tokens=args.max_new_tokens, systems=systems, json_path=args.json,
                        command=shlex.join(["medtune", *sys.argv[1:]]))
     print(format_table(result))

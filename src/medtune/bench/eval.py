@@ -26,8 +26,10 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
+from medtune.bench import train as train_bench
 from medtune.bench.train import _fmt, _peak_rss_mb, _worker_env, machine_info, run_subprocess
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
@@ -62,13 +64,7 @@ def find_data(task: str, spec: str | None) -> str:
     raise MedtuneError(f"{SHARED_EVAL / DEFAULT_DATA[task]} not found; pass --data", field="--data")
 
 
-def parse_systems(text: str) -> tuple[str, ...]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SYSTEMS]
-    if unknown or not names:
-        raise MedtuneError(f"unknown system {', '.join(unknown) or '(none)'}; choose from {','.join(SYSTEMS)}",
-                           field="--systems")
-    return tuple(dict.fromkeys(names))
+parse_systems = partial(train_bench.parse_systems, choices=SYSTEMS)
 
 
 # ---- workers (each in its own process) --------------------------------------------------------------------------

@@ -102,11 +102,12 @@ def bench_config(*, steps: int | None = None, model: str | None = None, data: st
     return cfg
 
 
-def parse_systems(text: str) -> tuple[str, ...]:
+def parse_systems(text: str, choices: tuple[str, ...] = SYSTEMS) -> tuple[str, ...]:
+    """--systems "a, b,a" → ("a", "b"), each one of `choices`."""
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in SYSTEMS]
+    unknown = [s for s in names if s not in choices]
     if unknown or not names:
-        raise MedtuneError(f"unknown system {', '.join(unknown) or '(none)'}; choose from {','.join(SYSTEMS)}",
+        raise MedtuneError(f"unknown system {', '.join(unknown) or '(none)'}; choose from {','.join(choices)}",
                            field="--systems")
     return tuple(dict.fromkeys(names))
 

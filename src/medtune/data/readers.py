@@ -45,7 +45,7 @@ def _decode(path: Path, rows_are_lines: bool = False) -> str:
                            file=str(path), row=line if rows_are_lines else None) from None
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def read_jsonl(path: Path) -> list[Row]:
     rows = []
     for n, line in enumerate(_decode(path, rows_are_lines=True).splitlines(), start=1):
         if not line.strip():
@@ -118,7 +118,7 @@ def read_rows(spec: str, split: str = "train") -> list[Row]:
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            return _read_jsonl(path)
+            return read_jsonl(path)
         if suffix == ".json":
             return _read_json(path)
         if suffix in (".csv", ".tsv"):

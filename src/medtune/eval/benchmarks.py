@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from medtune.data.readers import read_jsonl
 from medtune.errors import MedtuneError
 
 BENCHMARKS = ("medqa", "pubmedqa", "mmlu_medical", "medmcqa")
@@ -62,18 +63,7 @@ def _load_json(path: Path):
 def _jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise MedtuneError("benchmark file not found", file=str(path))
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MedtuneError(f"malformed JSON: {e.msg}", file=str(path), row=n) from None
-        if not isinstance(obj, dict):
-            raise MedtuneError("each line must be a JSON object", file=str(path), row=n)
-        rows.append((n, obj))
-    return rows
+    return [(row.number, row.data) for row in read_jsonl(path)]
 
 
 def _lettered(question: str, options: list[str], header: str = "") -> str:
