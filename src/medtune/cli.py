@@ -124,7 +124,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from medtune.generate import generate, is_run_dir, user_turn
+    from medtune.generate import generate, user_turn
+    from medtune.run.meta import is_run_dir
 
     if not is_run_dir(args.model):
         raise MedtuneError("compare needs a run directory (base + adapter)", file=args.model)
@@ -181,7 +182,7 @@ def cmd_eval(args) -> int:
                        bootstrap=args.bootstrap, precision=args.precision, device=args.device)
     results = run_eval(opts)
     from medtune.eval import report
-    from medtune.generate import is_run_dir
+    from medtune.run.meta import is_run_dir
 
     context = {"model": args.model, "command": shlex.join(["medtune", *sys.argv[1:]]), "fewshot": args.fewshot,
                "limit": args.limit}

@@ -6,20 +6,17 @@ whose eos ids are the template's end-of-turn tokens, so a tuned model stops wher
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from medtune.errors import MedtuneError
 from medtune.models import bf16_supported, load_base_model, load_tokenizer, pick_device, resolve_model
 from medtune.recipe import QuantConfig, TokenizerConfig
+from medtune.run.meta import is_run_dir, read_run_meta
 from medtune.tokenizer import prepare_tokenizer
-
-RUN_META = "medtune.json"
 
 
 @dataclass
@@ -34,14 +31,6 @@ class Loaded:
     autocast: torch.dtype | None
 
 
-def is_run_dir(path: str | Path) -> bool:
-    return (Path(path) / RUN_META).is_file()
-
-
-def read_run_meta(run: str | Path) -> dict:
-    return json.loads((Path(run) / RUN_META).read_text(encoding="utf-8"))
-
-
 def load_for_inference(model_or_run: str, *, device: str = "auto", precision: str = "auto",
                        template: str = "auto", max_length: int = 2048) -> Loaded:
     dev = pick_device(device)
@@ -52,14 +41,12 @@ def load_for_inference(model_or_run: str, *, device: str = "auto", precision: st
 
         meta = read_run_meta(model_or_run)
         tok = load_tokenizer(model_or_run)
-        quant = QuantConfig(**meta.get("quant", {}))
-        base = load_base_model(meta["base_model_path"], dtype=dtype, device=dev, quant=quant,
-                               trust_remote_code=meta.get("trust_remote_code", False))
+        base = load_base_model(meta.base_model_path, dtype=dtype, device=dev, quant=QuantConfig(**meta.quant),
+                               trust_remote_code=meta.trust_remote_code)
         if len(tok) > base.get_input_embeddings().num_embeddings:
             base.resize_token_embeddings(len(tok))
         model = PeftModel.from_pretrained(base, model_or_run)
-        stops, pad = meta["stop_token_ids"], meta["pad_token_id"]
-        max_length = meta.get("max_length", max_length)
+        stops, pad, max_length = meta.stop_token_ids, meta.pad_token_id, meta.max_length
         name, has_adapter = str(model_or_run), True
     else:
         path = resolve_model(model_or_run)

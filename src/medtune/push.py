@@ -16,15 +16,16 @@ from pathlib import Path
 from medtune.errors import MedtuneError
 from medtune.export.merge import check_run, merge_run
 from medtune.models import offline
+from medtune.run.layout import ADAPTER_FILES as ADAPTER
+from medtune.run.layout import CARD, PLOTS, RECIPE
 
 log = logging.getLogger("medtune")
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What an adapter push carries: the adapter, what prompting needs, the card and the plots it shows. Not the
 # checkpoints (optimizer state) nor medtune.json (it names local paths).
-ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
-                 "generation_config.json", "recipe.yaml", "plots/*.png"]
+ADAPTER_FILES = [CARD, *ADAPTER, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model", "chat_template.jinja", "generation_config.json", RECIPE, f"{PLOTS}/*.png"]
 
 
 def hub_token() -> str:
@@ -46,13 +47,13 @@ def push_run(run: str | Path, repo_id: str, *, merged: bool = False, private: bo
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from medtune.train.rundir import NOT_MEDICAL_ADVICE
+    from medtune.run.card import NOT_MEDICAL_ADVICE
 
     if not REPO_ID.fullmatch(repo_id):
         raise MedtuneError(f"repo id '{repo_id}' is not ORG/NAME", field="--repo-id")
     run = check_run(run)
     token = hub_token()
-    card = run / "README.md"
+    card = run / CARD
     if not card.is_file() or NOT_MEDICAL_ADVICE not in card.read_text(encoding="utf-8"):
         raise MedtuneError("the run's model card README.md is missing or lacks the not-medical-advice notice",
                            file=str(card))

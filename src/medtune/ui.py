@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from medtune.errors import MedtuneError
-from medtune.generate import Loaded, generate, is_run_dir, user_turn
+from medtune.generate import Loaded, generate, user_turn
+from medtune.run.meta import is_run_dir
 
 EXAMPLES = [
     "What are the early warning signs of a stroke?",
@@ -57,7 +58,7 @@ def build_ui(loaded: Loaded, system_prompt: str | None = None):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from medtune.train.rundir import NOT_MEDICAL_ADVICE
+    from medtune.run.card import NOT_MEDICAL_ADVICE
 
     side_by_side = loaded.has_adapter
     with gr.Blocks(title=f"medtune · {loaded.name}") as demo:

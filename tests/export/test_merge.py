@@ -13,14 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from medtune.errors import MedtuneError
 from medtune.export.merge import MERGE_INFO, merge_run
-from medtune.generate import read_run_meta
+from medtune.run.meta import read_run_meta
 
 IDS = torch.tensor([[1, 3, 40, 41, 42, 43, 4, 44, 45, 46]])
 
 
 def reference_logits(run) -> torch.Tensor:
     """Base + adapter, unmerged, in fp32: what peft computes at inference."""
-    base = AutoModelForCausalLM.from_pretrained(read_run_meta(run)["base_model_path"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(read_run_meta(run).base_model_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(run)).eval()
     with torch.no_grad():
         return model(IDS).logits
@@ -40,7 +40,7 @@ def merged_fp32(tiny_run_dir, tmp_path_factory):
 
 def test_merged_logits_equal_base_plus_adapter(tiny_run_dir, merged_fp32):
     ref = reference_logits(tiny_run_dir)
-    base = AutoModelForCausalLM.from_pretrained(read_run_meta(tiny_run_dir)["base_model_path"]).eval()
+    base = AutoModelForCausalLM.from_pretrained(read_run_meta(tiny_run_dir).base_model_path).eval()
     with torch.no_grad():
         assert (base(IDS).logits - ref).abs().max() > 1e-3, "the adapter must change the logits for this test to mean anything"
     torch.testing.assert_close(logits(merged_fp32), ref, atol=1e-5, rtol=1e-5)
@@ -61,7 +61,7 @@ def test_folder_has_tokenizer_stops_and_card(tiny_run_dir, merged_fp32):
     prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"  # the run's ChatML template
     gen = GenerationConfig.from_pretrained(merged_fp32)
-    assert gen.eos_token_id == read_run_meta(tiny_run_dir)["stop_token_ids"] == [4, 2]
+    assert gen.eos_token_id == read_run_meta(tiny_run_dir).stop_token_ids == [4, 2]
     info = json.loads((merged_fp32 / MERGE_INFO).read_text())
     assert info["stop_tokens"] == ["<|im_end|>", "</s>"] and info["system_prompt"] == "Answer briefly."
     card = (merged_fp32 / "README.md").read_text()
@@ -74,8 +74,8 @@ def test_four_bit_run_merges_into_full_precision(tiny_run_dir, tmp_path):
     run = tmp_path / "qlora-run"
     shutil.copytree(tiny_run_dir, run, ignore=shutil.ignore_patterns("checkpoints"))
     meta = read_run_meta(run)
-    meta["quant"]["load_in_4bit"] = True
-    (run / "medtune.json").write_text(json.dumps(meta))
+    meta.quant["load_in_4bit"] = True
+    meta.write(run)
     out = merge_run(run, tmp_path / "merged", dtype="fp32")
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     torch.testing.assert_close(logits(out), reference_logits(tiny_run_dir), atol=1e-5, rtol=1e-5)

@@ -117,8 +117,8 @@ def summarize(runs: list[dict]) -> dict:
 def run_bench(*, model: str = DEFAULT_MODEL, max_new_tokens: int = 128, prompts: tuple[str, ...] = PROMPTS,
               systems: tuple[str, ...] = SYSTEMS, json_path=None, command: str | None = None,
               timeout: float | None = None) -> dict:
-    from medtune.generate import is_run_dir
     from medtune.models import resolve_model
+    from medtune.run.meta import is_run_dir
 
     if max_new_tokens < 2:
         raise MedtuneError("must be at least 2", field="--max-new-tokens")

@@ -14,8 +14,8 @@ from medtune.data.prepare import prepare_data
 from medtune.data.readers import read_rows
 from medtune.data.render import Sample
 from medtune.errors import MedtuneError
-from medtune.generate import is_run_dir
 from medtune.recipe import Recipe, load_recipe
+from medtune.run.meta import is_run_dir
 from medtune.tokenizer import prepare_tokenizer
 
 UNLIMITED = 10**9  # data.max_length for evaluation: no truncation

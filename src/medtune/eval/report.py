@@ -1,33 +1,22 @@
-"""Evaluation results → JSON (`--json FILE`, RUN/eval/<task>.json), a markdown table (RUN/eval/<task>.md, the
-terminal) and the "Evaluations" section of the run's model card (rebuilt from every RUN/eval/*.json)."""
+"""Evaluation results → JSON (`--json FILE`, RUN/eval/<task>.json) and a markdown table (RUN/eval/<task>.md, the
+terminal); the run's model card is then rewritten by run/card.py, whose Evaluations section reads RUN/eval/*.json."""
 
 from __future__ import annotations
 
 import json
-import math
-import re
 from pathlib import Path
 
 from medtune.eval.compare import verdict
-from medtune.eval.suite import TaskResult
-from medtune.train.rundir import _number, _table
+from medtune.eval.results import TaskResult
+from medtune.run.card import table, value_with_error, write_card
+from medtune.run.layout import CARD, EVAL
 
-EVAL_DIR = "eval"
 _SHOWN = ("acc", "acc_norm", "perplexity", "loss", "tokens", "rougeL", "bleu", "n")
-_SECTION = re.compile(r"^## Evaluations\n.*?(?=^## )", re.S | re.M)
 
 
 def to_json(results: list[TaskResult], **context) -> dict:
     """{task: metrics} (or {task: {base, tuned, delta}} when compared), plus `context` (model, options) under _meta."""
     return {**{r.task: r.to_json() for r in results}, "_meta": context}
-
-
-def _value(metrics: dict, name: str) -> str:
-    v = metrics.get(name)
-    err = metrics.get(f"{name}_stderr")
-    if v is None:
-        return ""
-    return f"{_number(v)} ± {_number(err)}" if err is not None and not math.isnan(err) else _number(v)
 
 
 def markdown(results: list[TaskResult]) -> str:
@@ -37,14 +26,14 @@ def markdown(results: list[TaskResult]) -> str:
         rows = []
         for r in compared:
             for metric, d in r.delta.items():
-                rows.append((r.task, metric, _value(r.base, metric), _value(r.metrics, metric),
+                rows.append((r.task, metric, value_with_error(r.base, metric), value_with_error(r.metrics, metric),
                              f"{d['delta']:+.4g}", f"[{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]",
                              "yes" if d["significant"] else "no", str(d["n"])))
-        text = _table(["task", "metric", "base", "tuned", "delta", "95% CI", "significant", "items"], rows)
+        text = table(["task", "metric", "base", "tuned", "delta", "95% CI", "significant", "items"], rows)
         notes = [verdict(f"{r.task} {m}", d) for r in compared for m, d in r.delta.items()]
         return text + "\n\n" + "\n".join(f"- {n}" for n in notes)
-    rows = [(r.task, m, _value(r.metrics, m)) for r in results for m in _SHOWN if m in r.metrics]
-    return _table(["task", "metric", "value"], rows)
+    rows = [(r.task, m, value_with_error(r.metrics, m)) for r in results for m in _SHOWN if m in r.metrics]
+    return table(["task", "metric", "value"], rows)
 
 
 def write_json(path: str | Path, data: dict) -> Path:
@@ -61,51 +50,12 @@ def _plain(value):
 
 
 def write_run_results(run_dir: str | Path, results: list[TaskResult], **context) -> list[Path]:
-    """RUN/eval/<task>.json and .md per task, then the card's Evaluations section."""
-    out = Path(run_dir) / EVAL_DIR
+    """RUN/eval/<task>.json and .md per task, then the model card again (when the run has one)."""
+    out = Path(run_dir) / EVAL
     written = []
     for r in results:
         written.append(write_json(out / f"{r.task}.json", to_json([r], **context)))
         (out / f"{r.task}.md").write_text(markdown([r]) + "\n", encoding="utf-8")
-    update_card(run_dir)
+    if (Path(run_dir) / CARD).is_file():
+        write_card(run_dir)
     return written
-
-
-def card_section(run_dir: str | Path) -> str:
-    """The model card's Evaluations section, from every RUN/eval/*.json."""
-    rows = []
-    for path in sorted((Path(run_dir) / EVAL_DIR).glob("*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        for task, result in data.items():
-            if task.startswith("_"):
-                continue
-            if "delta" in result:
-                for metric, d in result["delta"].items():
-                    rows.append((task, metric, _value(result["base"], metric), _value(result["tuned"], metric),
-                                 f"{d['delta']:+.4g} [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
-                                 + ("" if d["significant"] else " (not significant)")))
-            else:
-                rows += [(task, m, "", _value(result, m), "") for m in _SHOWN if m in result and m != "n"]
-    if not rows:
-        return ""
-    table = _table(["task", "metric", "base", "tuned", "delta [95% CI]"], rows)
-    return ("## Evaluations\n\nFrom `medtune eval` (RUN/eval/*.json). Benchmarks are scored by log-likelihood with "
-            "lm-evaluation-harness (± standard error); deltas carry a 95% paired-bootstrap interval. Benchmark scores "
-            "are not evidence of clinical safety.\n\n" + table + "\n\n")
-
-
-def update_card(run_dir: str | Path) -> Path | None:
-    """Replace (or add, before Plots) the Evaluations section of RUN/README.md; nothing else in it changes."""
-    card = Path(run_dir) / "README.md"
-    if not card.is_file():
-        return None
-    text = card.read_text(encoding="utf-8")
-    section = card_section(run_dir)
-    if _SECTION.search(text):
-        text = _SECTION.sub(lambda _: section, text, count=1)
-    elif "\n## Plots" in text:
-        text = text.replace("\n## Plots", "\n" + section + "## Plots", 1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    card.write_text(text, encoding="utf-8")
-    return card

@@ -16,7 +16,10 @@ import numpy as np
 from medtune.errors import MedtuneError
 from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
-from medtune.generate import Loaded, is_run_dir
+from medtune.eval.report import write_run_results
+from medtune.eval.results import TaskResult
+from medtune.generate import Loaded
+from medtune.run.meta import is_run_dir
 
 log = logging.getLogger("medtune")
 TASKS = ("perplexity", *BENCHMARKS, "rouge")
@@ -42,21 +45,6 @@ class EvalOptions:
     precision: str = "auto"
     device: str = "auto"
     progress: bool = True
-
-
-@dataclass
-class TaskResult:
-    task: str
-    metrics: dict[str, float]  # the evaluated model's (tuned with --compare-base)
-    base: dict[str, float] | None = None
-    delta: dict[str, dict] | None = None  # metric → paired bootstrap row
-    subtasks: dict[str, dict] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        if self.base is None:
-            return {**self.metrics, **({"subtasks": self.subtasks} if self.subtasks else {})}
-        return {"base": self.base, "tuned": self.metrics, "delta": self.delta,
-                **({"subtasks": self.subtasks} if self.subtasks else {})}
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -179,8 +167,6 @@ def parse_tasks(values: list[str]) -> list[str]:
 
 def after_train(recipe, run_dir, loaded: Loaded) -> list[TaskResult]:
     """The recipe's `eval.after_train` tasks on the freshly trained model, written to RUN/eval and the card."""
-    from medtune.eval.report import write_run_results
-
     cfg = recipe.eval
     data = {t: getattr(cfg, t) for t in cfg.after_train if t != "perplexity" and getattr(cfg, t)}
     opts = EvalOptions(model=str(run_dir), tasks=list(cfg.after_train), data=data, fewshot=cfg.fewshot,

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from medtune.errors import MedtuneError
 from medtune.export.merge import MERGE_INFO, merge_run
-from medtune.generate import is_run_dir
 from medtune.models import medtune_home, resolve_model
+from medtune.run.meta import is_run_dir
 
 log = logging.getLogger("medtune")
 
@@ -178,7 +178,7 @@ def _quoted(text: str) -> str:
 
 def modelfile(gguf_name: str, tok, stop_tokens: list[str], system: str | None) -> tuple[str, str | None]:
     """(Modelfile text, template family or None) for `FROM ./<gguf_name>`."""
-    from medtune.train.rundir import NOT_MEDICAL_ADVICE
+    from medtune.run.card import NOT_MEDICAL_ADVICE
 
     family, default_system = match_go_template(tok)
     lines = [f"# Ollama Modelfile written by medtune. Use: ollama create NAME -f {Path(gguf_name).stem}.Modelfile",

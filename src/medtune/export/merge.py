@@ -21,7 +21,9 @@ import torch
 import yaml
 
 from medtune.errors import MedtuneError
-from medtune.generate import is_run_dir, read_run_meta
+from medtune.run.card import merged_card
+from medtune.run.layout import ADAPTER_FILES, CARD, META, PLOTS, RECIPE
+from medtune.run.meta import is_run_dir, read_run_meta
 
 log = logging.getLogger("medtune")
 
@@ -33,7 +35,7 @@ def check_run(run: str | Path) -> Path:
     run = Path(run)
     if not is_run_dir(run):
         raise MedtuneError("not a medtune run directory (no medtune.json)", file=str(run))
-    if not (run / "adapter_config.json").is_file() or not (run / "adapter_model.safetensors").is_file():
+    if not all((run / name).is_file() for name in ADAPTER_FILES):
         raise MedtuneError("the run has no adapter (adapter_config.json + adapter_model.safetensors); did training "
                            "finish? A checkpoint can be resumed with resume=true", file=str(run))
     return run
@@ -41,7 +43,7 @@ def check_run(run: str | Path) -> Path:
 
 def run_system_prompt(run: Path) -> str | None:
     """The system prompt the run trained with (recipe `tokenizer.system_prompt`), if any."""
-    recipe = run / "recipe.yaml"
+    recipe = run / RECIPE
     if not recipe.is_file():
         return None
     return (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}).get("tokenizer", {}).get("system_prompt")
@@ -55,15 +57,15 @@ def merged_model(run: str | Path):
 
     run = check_run(run)
     meta = read_run_meta(run)
-    base_path = meta.get("base_model_path")
-    if not base_path or not Path(base_path).is_dir():
-        raise MedtuneError(f"the run's base model folder is gone: {base_path}", file=str(run / "medtune.json"),
+    base_path = meta.base_model_path
+    if not Path(base_path).is_dir():
+        raise MedtuneError(f"the run's base model folder is gone: {base_path}", file=str(run / META),
                            field="base_model_path")
-    if meta.get("quant", {}).get("load_in_4bit"):
+    if meta.quant.get("load_in_4bit"):
         log.info("the run trained on a 4-bit base; merging into the full-precision base instead")
     tok = load_tokenizer(str(run))
     base = load_base_model(base_path, dtype=torch.float32, device=torch.device("cpu"), quant=None,
-                           trust_remote_code=meta.get("trust_remote_code", False))
+                           trust_remote_code=meta.trust_remote_code)
     if len(tok) > base.get_input_embeddings().num_embeddings:  # the run added a pad token
         base.resize_token_embeddings(len(tok))
     model = PeftModel.from_pretrained(base, str(run)).merge_and_unload()
@@ -74,8 +76,6 @@ def merged_model(run: str | Path):
 def merge_run(run: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     """Write the merged model folder `out` (refuses a non-empty one; written to `out.tmp`, then renamed)."""
     from transformers import GenerationConfig
-
-    from medtune.train.rundir import NOT_MEDICAL_ADVICE
 
     if dtype not in DTYPES:
         raise MedtuneError(f"unknown dtype '{dtype}': use {', '.join(DTYPES)}", field="--dtype")
@@ -95,34 +95,15 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    info = {"merged_from": str(run.resolve()), "base_model": meta.get("base_model"), "dtype": dtype,
-            "template": meta.get("template"), "stop_tokens": meta.get("stop_tokens"),
-            "stop_token_ids": meta.get("stop_token_ids"), "system_prompt": run_system_prompt(run),
-            "max_length": meta.get("max_length")}
+    info = {"merged_from": str(run.resolve()), "base_model": meta.base_model, "dtype": dtype,
+            "template": meta.template, "stop_tokens": meta.stop_tokens, "stop_token_ids": meta.stop_token_ids,
+            "system_prompt": run_system_prompt(run), "max_length": meta.max_length}
     (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
-    (tmp / "README.md").write_text(merged_card(run, dtype, NOT_MEDICAL_ADVICE), encoding="utf-8")
-    if (run / "plots").is_dir():  # the card shows them
-        shutil.copytree(run / "plots", tmp / "plots")
+    (tmp / CARD).write_text(merged_card(run, dtype), encoding="utf-8")
+    if (run / PLOTS).is_dir():  # the card shows them
+        shutil.copytree(run / PLOTS, tmp / PLOTS)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     return out
 
-
-def merged_card(run: Path, dtype: str, notice: str) -> str:
-    """The run's model card with transformers front matter, a note on the merge, and the notice on top."""
-    card = (run / "README.md").read_text(encoding="utf-8") if (run / "README.md").is_file() else f"# {run.name}\n"
-    front: dict = {}
-    if card.startswith("---\n") and "\n---" in card[4:]:
-        head, card = card[4:].split("\n---", 1)
-        front = yaml.safe_load(head) or {}
-        card = card.lstrip("\n")
-    front["library_name"] = "transformers"
-    front["tags"] = [*[t for t in front.get("tags", []) if t != "lora"], "merged"]
-    note = (f"> **Merged model.** The adapter below is folded into its base model and saved in {dtype}. Load it "
-            "with `AutoModelForCausalLM.from_pretrained(...)` and `AutoTokenizer.from_pretrained(...)` — no peft "
-            "needed; `generation_config.json` stops on the chat template's end-of-turn tokens.\n>\n"
-            f"> **{notice}**")
-    title, _, rest = card.partition("\n")
-    body = f"{title}\n\n{note}\n{rest}"
-    return f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n{body}"

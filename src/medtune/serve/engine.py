@@ -31,8 +31,9 @@ from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from medtune.errors import MedtuneError
-from medtune.generate import is_run_dir, load_for_inference, read_run_meta
+from medtune.generate import load_for_inference
 from medtune.models import load_tokenizer, resolve_model
+from medtune.run.meta import is_run_dir, read_run_meta
 
 log = logging.getLogger("medtune")
 
@@ -194,7 +195,7 @@ class Engine:
         model = loaded.model
         if loaded.has_adapter:
             meta = read_run_meta(model_or_run)
-            base_name, base_path = meta["base_model"], meta["base_model_path"]
+            base_name, base_path = meta.base_model, meta.base_model_path
         else:
             base_name, base_path = model_or_run, resolve_model(model_or_run)
         routes = [Route(base_name, None, loaded.tok, loaded.stop_token_ids, loaded.pad_token_id, loaded.max_length)]
@@ -209,8 +210,8 @@ class Engine:
             if not is_run_dir(run):
                 raise MedtuneError("not a medtune run directory (no medtune.json)", file=str(run), field="--adapter")
             meta = read_run_meta(run)
-            if Path(meta["base_model_path"]).resolve() != Path(base_path).resolve():
-                raise MedtuneError(f"adapter '{name}' was trained on {meta['base_model_path']}, but the server's base "
+            if Path(meta.base_model_path).resolve() != Path(base_path).resolve():
+                raise MedtuneError(f"adapter '{name}' was trained on {meta.base_model_path}, but the server's base "
                                    f"is {base_path}; serve it on its own base", file=str(run), field="--adapter")
             tok = load_tokenizer(run)
             if len(tok) > vocab:
@@ -221,8 +222,8 @@ class Engine:
                 model.load_adapter(run, adapter_name=peft_name)
             else:
                 model = PeftModel.from_pretrained(model, run, adapter_name=peft_name)
-            routes.append(Route(name, peft_name, tok, meta["stop_token_ids"], meta["pad_token_id"],
-                                meta.get("max_length", loaded.max_length), parent=base_name))
+            routes.append(Route(name, peft_name, tok, meta.stop_token_ids, meta.pad_token_id,
+                                meta.max_length, parent=base_name))
         model.eval()
         return cls(model, routes, max_queue=max_queue, max_tokens=max_tokens, max_batch=max_batch,
                    autocast=loaded.autocast)

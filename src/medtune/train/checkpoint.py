@@ -25,9 +25,9 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from medtune.errors import MedtuneError
+from medtune.run.layout import ADAPTER_FILES, CHECKPOINTS, METRICS
 
 STATE = "trainer_state.json"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
 
 @dataclass
@@ -51,7 +51,7 @@ def writing(path: Path, what: str) -> Iterator[None]:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return run_dir / CHECKPOINTS
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, keep_last_n: int = 0,
@@ -141,7 +141,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
 def trim_metrics(run_dir: Path, step: int) -> None:
     """Resume: drop metrics.jsonl rows logged after the checkpoint's step (a killed run logged steps that the
     resumed run trains and logs again)."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -154,7 +154,7 @@ def trim_metrics(run_dir: Path, step: int) -> None:
             continue
     if len(kept) != len(lines):
         tmp = path.with_name(path.name + ".tmp")
-        with writing(path, "metrics.jsonl"):
+        with writing(path, METRICS):
             tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)
 

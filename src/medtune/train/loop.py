@@ -28,7 +28,7 @@ from medtune.data.batching import Batch, BatchPlan, iterate, pad_collate
 from medtune.data.prepare import PreparedData, prepare_data
 from medtune.data.render import IGNORE, Sample
 from medtune.errors import MedtuneError
-from medtune.generate import RUN_META, Loaded, generate, user_turn
+from medtune.generate import Loaded, generate, user_turn
 from medtune.models import (
     add_lora,
     bf16_supported,
@@ -38,6 +38,10 @@ from medtune.models import (
     resolve_model,
 )
 from medtune.recipe import Recipe
+from medtune.run.card import write_card
+from medtune.run.layout import DATA_REPORT, METRICS_FINAL, RECIPE, SAMPLES
+from medtune.run.meta import RunMeta, hardware, versions
+from medtune.run.metrics import RunDir
 from medtune.tokenizer import ChatSetup, prepare_tokenizer
 from medtune.train.allocator import return_freed_memory_to_os
 from medtune.train.checkpoint import (
@@ -54,7 +58,6 @@ from medtune.train.guard import Interrupted, NonFinite, NonFiniteGuard, StopSign
 from medtune.train.lock import RunLock, holder, is_locked
 from medtune.train.loss import chunked_cross_entropy_sum
 from medtune.train.memory import check_memory, estimate_for_recipe
-from medtune.train.rundir import CardInfo, RunDir
 
 log = logging.getLogger("medtune")
 
@@ -145,19 +148,20 @@ def _pick_run_dir(recipe: Recipe) -> Path:
     return candidate
 
 
-def _save_run_files(run_dir: Path, recipe: Recipe, tok, chat: ChatSetup, model_dir: str) -> None:
+def _save_run_files(run_dir: Path, recipe: Recipe, tok, chat: ChatSetup, model_dir: str, device=None,
+                    precision: str = "fp32") -> None:
     """Everything later commands need to reload the run exactly as trained."""
     from transformers import GenerationConfig
 
     tok.save_pretrained(run_dir)
     GenerationConfig(eos_token_id=chat.stop_token_ids, pad_token_id=chat.pad_token_id,
                      bos_token_id=tok.bos_token_id, max_new_tokens=256).save_pretrained(run_dir)
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
-    meta = {"base_model": recipe.model, "base_model_path": str(Path(model_dir).resolve()), "template": chat.template,
-            "stop_tokens": chat.stop_tokens, "stop_token_ids": chat.stop_token_ids, "pad_token": chat.pad_token,
-            "pad_token_id": chat.pad_token_id, "quant": recipe.quant.model_dump(), "max_length": recipe.data.max_length,
-            "trust_remote_code": recipe.trust_remote_code}
-    (run_dir / RUN_META).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    (run_dir / RECIPE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
+    RunMeta(base_model=recipe.model, base_model_path=str(Path(model_dir).resolve()), template=chat.template,
+            stop_tokens=chat.stop_tokens, stop_token_ids=chat.stop_token_ids, pad_token=chat.pad_token,
+            pad_token_id=chat.pad_token_id, max_length=recipe.data.max_length, quant=recipe.quant.model_dump(),
+            trust_remote_code=recipe.trust_remote_code, versions=versions(),
+            hardware=hardware(device or torch.device("cpu"), precision)).write(run_dir)
 
 
 def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
@@ -194,7 +198,7 @@ def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
     try:
         if dist.is_main:
             with writing(run_dir, "the run directory"):
-                (run_dir / "data_report.json").write_text(json.dumps(data.report.to_dict(), indent=2), encoding="utf-8")
+                (run_dir / DATA_REPORT).write_text(json.dumps(data.report.to_dict(), indent=2), encoding="utf-8")
         return _train(recipe, dist, run_dir, model_dir, tok, chat, data, device, dtype, bf16, autocast)
     finally:
         if lock is not None:
@@ -256,7 +260,8 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
     # ---- train ---------------------------------------------------------------------------------------------
     if dist.is_main:
         with writing(run_dir, "the run directory"):
-            _save_run_files(run_dir, recipe, tok, chat, model_dir)
+            _save_run_files(run_dir, recipe, tok, chat, model_dir, device,
+                            ("bf16" if bf16 else "fp32") + (f", 4-bit {recipe.quant.quant_type} base" if quantized else ""))
     wrapped, optimizer = dist.prepare(LossModule(model, autocast), optimizer)
     wrapped.train()
 
@@ -368,16 +373,15 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
         tracker.log(final, step=state.step)
         metrics.update(final)
     samples = _sample_answers(recipe, model, tok, chat, bf16) if can_eval else []
-    plots = tracker.plots()
-    tracker.write_card(CardInfo(base_model=recipe.model, base_model_path=model_dir, recipe=recipe.to_dict(),
-                                data_report_lines=data.report.lines(), metrics=metrics, samples=samples, plots=plots,
-                                adapter_kind="QLoRA" if quantized else "LoRA"))
+    tracker.plots()
     tracker.close()
+    (run_dir / METRICS_FINAL).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    (run_dir / SAMPLES).write_text(json.dumps(samples, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_card(run_dir)
     if recipe.eval.after_train and can_eval:
         from medtune.eval.suite import after_train
 
         after_train(recipe, run_dir, _loaded(recipe, model, tok, chat, bf16))
-    (run_dir / "metrics_final.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     return TrainResult(run_dir, metrics, samples)
 
 

@@ -1,4 +1,4 @@
-"""The run directory: what a training run leaves behind besides the adapter.
+"""A run's metrics: metrics.jsonl, the trackers that mirror it, and the plots drawn from it.
 
 ```
 runs/<name>/
@@ -7,8 +7,10 @@ runs/<name>/
   wandb/             offline W&B run        (report_to: wandb; `wandb sync` uploads it later)
   mlflow.db          local MLflow store     (report_to: mlflow; `mlflow ui --backend-store-uri sqlite:///...`)
   plots/*.png        loss, learning rate, gradient norm
-  README.md          the model card
 ```
+
+The trackers live here, with metrics.jsonl, not in train/: they write into the run directory and mirror exactly
+what metrics.jsonl records, so one `RunDir.log` call feeds all of them; the training loop only calls it.
 
 The training loop logs under these names: `loss`, `eval_loss`, `learning_rate`, `grad_norm` (plotted), plus
 anything else (`tokens_per_s`, `eval_ppl`, ...), which goes to metrics.jsonl and the trackers only.
@@ -17,24 +19,18 @@ Trackers are optional: one that cannot start, or fails later, is reported once a
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import os
-import re
-import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from medtune.run.layout import METRICS, MLFLOW_DB, PLOTS, TENSORBOARD
 
 log = logging.getLogger("medtune")
 
-NOT_MEDICAL_ADVICE = ("This model is a research artifact. It is not medical advice and must not be used to diagnose, "
-                      "treat or make decisions about anyone's health.")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _PARAM_VALUE_CHARS = 250
 
 # file stem, title, y label, then (metric, legend label, matplotlib format) per series
@@ -46,21 +42,6 @@ _PLOTS = [
 
 
 @dataclass
-class CardInfo:
-    """Everything the model card says about a finished run."""
-
-    base_model: str            # what the user named, e.g. "smollm2-135m-instruct" or a hub id
-    base_model_path: str       # resolved folder
-    recipe: dict               # the resolved recipe (Recipe.to_dict())
-    data_report_lines: list[str]
-    metrics: dict[str, float]  # final figures, e.g. train_loss, eval_loss, eval_ppl, base_eval_ppl, tokens_per_s
-    samples: list[dict]        # [{"prompt":..., "base":..., "tuned":...}]
-    plots: list[Path]
-    evals: dict[str, dict] = field(default_factory=dict)  # extra eval results by task name
-    adapter_kind: str = "LoRA"  # or "QLoRA"
-
-
-@dataclass
 class _Tracker:
     name: str
     log: Callable[[dict[str, float], int], None]
@@ -68,14 +49,14 @@ class _Tracker:
 
 
 class RunDir:
-    """Writes metrics.jsonl, forwards metrics to the chosen trackers, draws plots and writes the model card."""
+    """Writes metrics.jsonl, forwards metrics to the chosen trackers and draws plots."""
 
     def __init__(self, path: Path, *, run_name: str, config: dict, report_to: list[str],
                  wandb_project: str = "medtune", resume: bool = False):
         self.path = Path(path)
         self.run_name = run_name
         self.path.mkdir(parents=True, exist_ok=True)
-        self._metrics_file = (self.path / "metrics.jsonl").open("a" if resume else "w", encoding="utf-8")
+        self._metrics_file = (self.path / METRICS).open("a" if resume else "w", encoding="utf-8")
         starters: dict[str, Callable[[], _Tracker]] = {
             "tensorboard": lambda: _start_tensorboard(self.path),
             "wandb": lambda: _start_wandb(self.path, run_name, config, wandb_project),
@@ -104,7 +85,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         """Every row of metrics.jsonl, in the order logged."""
-        path = self.path / "metrics.jsonl"
+        path = self.path / METRICS
         if not path.exists():
             return []
         with path.open(encoding="utf-8") as f:
@@ -132,17 +113,11 @@ class RunDir:
             ax.grid(alpha=0.3)
             if len(series) > 1:
                 ax.legend()
-            out = self.path / "plots" / f"{stem}.png"
+            out = self.path / PLOTS / f"{stem}.png"
             out.parent.mkdir(exist_ok=True)
             fig.savefig(out, dpi=100)
             written.append(out)
         return written
-
-    def write_card(self, card: CardInfo) -> Path:
-        """Write the model card README.md (Hugging Face Hub front matter, results, samples, usage)."""
-        out = self.path / "README.md"
-        out.write_text(_render_card(card, self.path, self.run_name), encoding="utf-8")
-        return out
 
     def close(self) -> None:
         """Finish every tracker and close metrics.jsonl; calling it again does nothing."""
@@ -160,7 +135,7 @@ class RunDir:
 def _start_tensorboard(path: Path) -> _Tracker:
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(path / "tensorboard"))
+    writer = SummaryWriter(str(path / TENSORBOARD))
 
     def log_scalars(metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
@@ -184,116 +159,25 @@ def _start_mlflow(path: Path, run_name: str, config: dict) -> _Tracker:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # a local store should not phone home
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{path.resolve() / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{path.resolve() / MLFLOW_DB}")
     mlflow.set_experiment("medtune")
     mlflow.start_run(run_name=run_name)
     try:
-        mlflow.log_params({k: str(v)[:_PARAM_VALUE_CHARS] for k, v in _flatten(config).items()})
+        mlflow.log_params({k: str(v)[:_PARAM_VALUE_CHARS] for k, v in flatten(config).items()})
     except Exception:
         mlflow.end_run(status="FAILED")
         raise
     return _Tracker("mlflow", lambda metrics, step: mlflow.log_metrics(metrics, step=step), mlflow.end_run)
 
 
-# --- model card -----------------------------------------------------------------------------------------------
-
-def _render_card(card: CardInfo, run_dir: Path, run_name: str) -> str:
-    hub_id = _hub_id(card.base_model)
-    front = {"library_name": "peft", **({"base_model": hub_id} if hub_id else {}), "tags": ["medtune", "lora", "medical"]}
-    base_link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{card.base_model}`"
-    parts = [
-        f"---\n{yaml.safe_dump(front, sort_keys=False)}---",
-        f"# {run_name}",
-        f"A {card.adapter_kind} adapter for {base_link}, fine-tuned with medtune.",
-        f"> **{NOT_MEDICAL_ADVICE}**",
-        "## Base model",
-        f"- Name: {base_link}\n- Loaded from: `{card.base_model_path}`\n- Adapter: {card.adapter_kind}",
-        "## Training data",
-        "```text\n" + ("\n".join(card.data_report_lines) or "(no data report)") + "\n```",
-        "## Recipe",
-        _table(["key", "value"], [(f"`{k}`", _recipe_value(v)) for k, v in _flatten(card.recipe).items()]),
-        "## Results",
-        _results(card.metrics),
-    ]
-    if card.evals:
-        rows = [(task, metric, _number(v)) for task, result in card.evals.items() for metric, v in result.items()]
-        parts += ["## Evaluations", _table(["task", "metric", "value"], rows)]
-    parts += ["## Plots", "\n\n".join(_image(p, run_dir) for p in card.plots) or "No metrics were logged."]
-    parts += ["## Sample answers", _samples(card.samples)]
-    parts += ["## How to use", _usage(hub_id or card.base_model_path, str(run_dir))]
-    parts += ["## Limitations", _LIMITATIONS]
-    return "\n\n".join(parts) + "\n"
-
-
-_LIMITATIONS = f"""\
-- {NOT_MEDICAL_ADVICE}
-- It can state wrong, outdated or dangerous things fluently and with confidence. Nothing here was reviewed by clinicians.
-- Held-out perplexity measures how well the model fits the style of the training data, not whether its answers are true.
-- It inherits the biases and gaps of its base model and of the training data (see Training data).
-- This is an adapter: it only works on top of the exact base model named above."""
-
-
-def _results(metrics: dict[str, float]) -> str:
-    if not metrics:
-        return "No metrics were recorded."
-    text = _table(["metric", "value"], [(f"`{k}`", _number(v)) for k, v in metrics.items()])
-    if "base_eval_ppl" in metrics and "eval_ppl" in metrics:
-        text += f"\n\nheld-out perplexity: base {_number(metrics['base_eval_ppl'])} → tuned {_number(metrics['eval_ppl'])}"
-    return text
-
-
-def _samples(samples: list[dict]) -> str:
-    if not samples:
-        return "No sample prompts were set (`samples.prompts` in the recipe)."
-    blocks = []
-    for i, sample in enumerate(samples, 1):
-        prompt = "\n".join(f"> {line}" for line in html.escape(sample["prompt"], quote=False).splitlines())
-        table = _table(["base model", "tuned model"], [(_cell(sample["base"]), _cell(sample["tuned"]))])
-        blocks.append(f"### Sample {i}\n\n{prompt}\n\n{table}")
-    return "\n\n".join(blocks)
-
-
-def _usage(base: str, run_dir: str) -> str:
-    return f"""\
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({json.dumps(base)}), {json.dumps(run_dir)})
-```
-
-The medtune CLI applies the chat template and stop tokens saved with the run:
-
-```bash
-medtune generate {shlex.quote(run_dir)} --prompt "What is hypertension?"
-medtune chat {shlex.quote(run_dir)}
-```"""
-
-
-def _image(plot: Path, run_dir: Path) -> str:
-    return f"![{plot.stem.replace('_', ' ')}]({Path(os.path.relpath(plot, run_dir)).as_posix()})"
-
-
-def _hub_id(name: str) -> str | None:
-    """The hub id of a model name: an alias's id, an `org/name` that is not a local path, else None."""
-    from medtune.models import ALIASES
-
-    alias = ALIASES.get(name.lower())
-    if alias is not None:
-        return alias.hub_id
-    if _HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
-        return name
-    return None
-
-
 # --- small helpers --------------------------------------------------------------------------------------------
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """{"lora": {"r": 16}} → {"lora.r": 16}."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -308,26 +192,8 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]] | None:
     return steps, [by_step[s] for s in steps]
 
 
-def _table(header: list[str], rows: list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
-def _cell(text: str) -> str:
-    """Text safe inside a markdown table cell: HTML escaped, `|` escaped, newlines as <br>."""
-    text = html.escape(str(text).replace("\r\n", "\n"), quote=False)
-    return text.replace("|", "\\|").replace("\n", "<br>")
-
-
-def _recipe_value(value: Any) -> str:
-    return _cell(value if isinstance(value, str) else json.dumps(value))
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return _cell(value)
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
 def _one_line(error: Exception) -> str:

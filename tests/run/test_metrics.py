@@ -1,17 +1,15 @@
-"""RunDir against the real trackers (TensorBoard, W&B offline, MLflow on SQLite), plots and the model card."""
+"""RunDir against the real trackers (TensorBoard, W&B offline, MLflow on SQLite), and its plots."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
-import yaml
 
 from medtune.recipe import Recipe
-from medtune.train.rundir import NOT_MEDICAL_ADVICE, CardInfo, RunDir
+from medtune.run.metrics import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -135,69 +133,6 @@ def test_a_tracker_that_fails_while_logging_is_dropped(tmp_path, monkeypatch, ca
         run.close()
     assert [r.getMessage() for r in caplog.records] == ["tensorboard tracker stopped: OSError: disk full"]
     assert len(run.read_metrics()) == 5
-
-
-def card_info(tmp_path: Path, **changes) -> CardInfo:
-    info = dict(
-        base_model="smollm2-135m-instruct",
-        base_model_path=str(tmp_path / "cache" / "smollm2-135m-instruct"),
-        recipe=Recipe().to_dict(),
-        data_report_lines=["train: 90 conversations (demo:terms)", "eval: 10 conversations"],
-        metrics={"train_loss": 1.234, "eval_loss": 1.5, "eval_ppl": 4.4817, "base_eval_ppl": 12.1825,
-                 "tokens_per_s": 1523.7, "train_seconds": 42.0},
-        samples=[{"prompt": "What is a | pipe?\nBe brief.", "base": "A pipe | is\na tube.", "tuned": "<b>A tube</b>"}],
-        plots=[tmp_path / "plots" / "loss.png"],
-    )
-    return CardInfo(**(info | changes))
-
-
-def front_matter(text: str) -> dict:
-    head, sep, _ = text.removeprefix("---\n").partition("\n---\n")
-    assert text.startswith("---\n") and sep
-    return yaml.safe_load(head)
-
-
-def test_model_card(tmp_path):
-    run = RunDir(tmp_path, run_name="terms-demo", config={}, report_to=[])
-    card = run.write_card(card_info(tmp_path, evals={"pubmedqa": {"accuracy": 0.52, "n": 500}}))
-    run.close()
-    text = card.read_text()
-    assert card == tmp_path / "README.md"
-
-    assert front_matter(text) == {"library_name": "peft", "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                                  "tags": ["medtune", "lora", "medical"]}
-    assert text.index(NOT_MEDICAL_ADVICE) < text.index("## Base model")
-    assert f"**{NOT_MEDICAL_ADVICE}**" in text
-    for section in ("Base model", "Training data", "Recipe", "Results", "Evaluations", "Plots", "Sample answers",
-                    "How to use", "Limitations"):
-        assert f"\n## {section}\n" in text
-    assert "```text\ntrain: 90 conversations (demo:terms)\neval: 10 conversations\n```" in text
-    assert "| `lora.r` | 16 |" in text
-    assert '| `lora.target_modules` | ["q_proj", "k_proj", "v_proj", "o_proj"] |' in text
-    assert "| `eval_ppl` | 4.482 |" in text and "| `tokens_per_s` | 1,524 |" in text
-    assert "held-out perplexity: base 12.18 → tuned 4.482" in text
-    assert "| pubmedqa | accuracy | 0.52 |" in text
-    assert "![loss](plots/loss.png)" in text
-    assert "> What is a | pipe?\n> Be brief." in text
-    assert "| base model | tuned model |\n|---|---|\n| A pipe \\| is<br>a tube. | &lt;b&gt;A tube&lt;/b&gt; |" in text
-    assert (f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct"), '
-            f'"{tmp_path}")') in text
-    assert f'medtune generate {tmp_path} --prompt "' in text and f"medtune chat {tmp_path}" in text
-
-
-@pytest.mark.parametrize(("base_model", "expected"), [
-    ("meta-llama/Llama-3.2-1B-Instruct", "meta-llama/Llama-3.2-1B-Instruct"),
-    ("local/model", None),  # an existing folder, though it looks like org/name
-    ("/abs/folder", None),
-])
-def test_card_base_model_only_for_hub_ids(tmp_path, monkeypatch, base_model, expected):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "local" / "model").mkdir(parents=True)
-    run = RunDir(tmp_path / "run", run_name="r", config={}, report_to=[])
-    text = run.write_card(card_info(tmp_path, base_model=base_model, metrics={}, samples=[], plots=[])).read_text()
-    run.close()
-    assert front_matter(text).get("base_model") == expected
-    assert "held-out perplexity" not in text and "## Evaluations" not in text
 
 
 def test_metrics_jsonl_is_plain_json(tmp_path):

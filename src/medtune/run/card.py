@@ -1,0 +1,295 @@
+"""The model card (RUN/README.md): the one writer, rebuilt whole from the run directory's files each time.
+
+`medtune train` writes it when training ends; `medtune eval` (and eval.after_train) rewrites it after adding
+RUN/eval/*.json; `medtune merge` turns it into the merged model's card. Each section is one function of the
+run's files (meta, recipe, data report, final metrics, samples, plots, eval results), so every figure is shown
+once, and the card names no local absolute path: a local model or data file appears by its file name only.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medtune.run.layout import CARD, DATA_REPORT, EVAL, METRICS_FINAL, PLOTS, RECIPE, SAMPLES
+from medtune.run.meta import RunMeta, read_run_meta
+from medtune.run.metrics import flatten
+
+NOT_MEDICAL_ADVICE = ("This model is a research artifact. It is not medical advice and must not be used to diagnose, "
+                      "treat or make decisions about anyone's health.")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# (pattern in the lower-cased hub id, Hub licence id), first match wins
+_LICENSES = [("smollm", "apache-2.0"), ("llama-3.2", "llama3.2"), ("llama-3", "llama3"), ("llama-2", "llama2")]
+_EVAL_SHOWN = ("acc", "acc_norm", "perplexity", "loss", "tokens", "rougeL", "bleu")
+_HELD_OUT = [("eval_loss", "loss (nats per token)"), ("eval_ppl", "perplexity")]
+_TRAINING = [("steps", "optimizer steps"), ("train_loss", "final train loss"), ("tokens_per_s", "tokens per second"),
+             ("train_seconds", "training seconds"), ("skipped_batches", "skipped batches")]
+
+_INTENDED_USE = """\
+Research and teaching: studying how LoRA/QLoRA fine-tuning on medical text changes a small language model, comparing
+it with its base model, and drafting text that a qualified person reviews."""
+
+_OUT_OF_SCOPE = """\
+- Diagnosis, triage or treatment decisions, medication dosing, or any other clinical decision about a person.
+- Emergencies: call your local emergency number instead.
+- Answering patients or the public without review by a qualified clinician.
+- Any use where a wrong, outdated or invented answer could harm someone."""
+
+_LIMITATIONS = f"""\
+- {NOT_MEDICAL_ADVICE}
+- It can state wrong, outdated or dangerous things fluently and with confidence. Nothing here was reviewed by clinicians.
+- Held-out perplexity measures how well the model fits the style of the training data, not whether its answers are true.
+- It inherits the biases and gaps of its base model and of the training data (see Training data).
+- This is an adapter: it only works on top of the exact base model named above."""
+
+
+def write_card(run_dir: str | Path) -> Path:
+    """(Re)write RUN/README.md from the run directory's files."""
+    out = Path(run_dir) / CARD
+    out.write_text(render_card(run_dir), encoding="utf-8")
+    return out
+
+
+def render_card(run_dir: str | Path) -> str:
+    run_dir = Path(run_dir)
+    meta = read_run_meta(run_dir)
+    recipe = _read_yaml(run_dir / RECIPE)
+    metrics = _read_json(run_dir / METRICS_FINAL)
+    evals = read_evals(run_dir)
+    hub_id = hub_id_of(meta.base_model)
+    base_link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{_public_name(meta.base_model)}`"
+    sections = [
+        ("Intended use", _INTENDED_USE),
+        ("Out-of-scope use", _OUT_OF_SCOPE),
+        ("Base model", f"- Name: {base_link}\n- Adapter: {meta.adapter_kind}\n- Chat template: `{meta.template}`, "
+                       f"stops on {', '.join(f'`{t}`' for t in meta.stop_tokens)}"),
+        ("Training data", training_data(_read_json(run_dir / DATA_REPORT))),
+        ("Recipe", table(["key", "value"], [(f"`{k}`", _recipe_value(v)) for k, v in flatten(_public(recipe)).items()])),
+        ("Results", results(metrics, evals)),
+        *([("Evaluations", evaluations(evals))] if evals else []),
+        ("Plots", "\n\n".join(f"![{p.stem.replace('_', ' ')}]({Path(os.path.relpath(p, run_dir)).as_posix()})"
+                              for p in sorted((run_dir / PLOTS).glob("*.png"))) or "No metrics were logged."),
+        ("Sample answers", samples(_read_json(run_dir / SAMPLES, []))),
+        ("How to use", usage(hub_id or _public_name(meta.base_model), _run_ref(run_dir))),
+        ("Versions", table(["package", "version"], [(k, v or "not installed") for k, v in meta.versions.items()])
+         if meta.versions else "Not recorded."),
+        ("Hardware", "\n".join(f"- {k.capitalize()}: {v}" for k, v in meta.hardware.items()) or "Not recorded."),
+        ("Limitations", _LIMITATIONS),
+    ]
+    parts = [f"---\n{yaml.safe_dump(front_matter(meta, recipe), sort_keys=False)}---", f"# {run_dir.name}",
+             f"A {meta.adapter_kind} adapter for {base_link}, fine-tuned with medtune.", f"> **{NOT_MEDICAL_ADVICE}**",
+             *(f"## {title}\n\n{body}" for title, body in sections)]
+    return "\n\n".join(parts) + "\n"
+
+
+def front_matter(meta: RunMeta, recipe: dict) -> dict:
+    """Hugging Face Hub card metadata: licence (the base model's), language, datasets, tags, base model."""
+    hub_id = hub_id_of(meta.base_model)
+    data = recipe.get("data", {})
+    datasets = [_public_name(p) for p in (data.get("path"), data.get("eval_path")) if p]
+    return {"library_name": "peft", "license": license_of(hub_id or meta.base_model), "language": ["en"],
+            **({"datasets": datasets} if datasets else {}),
+            "tags": ["medtune", meta.adapter_kind.lower(), "medical"], **({"base_model": hub_id} if hub_id else {})}
+
+
+def license_of(model: str) -> str:
+    """The Hub licence id of a base model we know, else "other"."""
+    name = model.lower()
+    return next((lic for pattern, lic in _LICENSES if pattern in name), "other")
+
+
+def training_data(report: dict | None) -> str:
+    """The data report (RUN/data_report.json): source, kept/dropped rows, tokens, and `hygiene` when present."""
+    if not report:
+        return "No data report."
+    lines = [f"- Source: `{_public_name(report['source'])}` (format {report['format']}, "
+             f"max_length {report['max_length']})"]
+    if report.get("eval", {}).get("rows"):
+        lines.append(f"- Held-out rows from: `{_public_name(report['eval_source'])}`")
+    rows = []
+    for part in ("train", "eval"):
+        p = report.get(part) or {}
+        if p.get("rows"):
+            dropped = ", ".join(f"{n} {why}" for why, n in p.get("dropped", {}).items()) or "none"
+            pct = " ".join(f"{k}={v}" for k, v in p.get("length_percentiles", {}).items())
+            rows.append((part, str(p["rows"]), str(p["kept"]), str(p["truncated"]), dropped, str(p["tokens"]),
+                         str(p["loss_tokens"]), pct))
+    text = "\n".join(lines)
+    if rows:
+        text += "\n\n" + table(["split", "rows", "kept", "truncated", "dropped", "tokens", "loss tokens", "length"],
+                               rows)
+    if report.get("hygiene"):
+        text += "\n\nData hygiene:\n\n" + table(["check", "result"], [(f"`{k}`", _recipe_value(v)) for k, v in
+                                                                        flatten(report["hygiene"]).items()])
+    if report.get("example"):
+        text += ("\n\nFirst training example (« » marks the tokens that carry loss):\n\n```text\n"
+                 + report["example"] + "\n```")
+    return text
+
+
+def results(metrics: dict | None, evals: dict[str, dict]) -> str:
+    """Training figures, and held-out loss/perplexity (base → tuned) unless an eval task reports them."""
+    if not metrics:
+        return "No metrics were recorded."
+    text = table(["training", "value"], [(label, number(metrics[k])) for k, label in _TRAINING if k in metrics])
+    if "perplexity" in evals:
+        return text + "\n\nHeld-out perplexity: see Evaluations."
+    held = [(label, number(metrics[f"base_{k}"]) if f"base_{k}" in metrics else "", number(metrics[k]))
+            for k, label in _HELD_OUT if k in metrics]
+    if held:
+        tokens = f" ({number(metrics['eval_tokens'])} tokens)" if "eval_tokens" in metrics else ""
+        text += f"\n\nHeld-out data{tokens}:\n\n" + table(["held-out", "base", "tuned"], held)
+    return text
+
+
+def read_evals(run_dir: str | Path) -> dict[str, dict]:
+    """{task: result} from every RUN/eval/*.json (a later file wins a task)."""
+    out: dict[str, dict] = {}
+    for path in sorted((Path(run_dir) / EVAL).glob("*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        out.update({task: result for task, result in data.items() if not task.startswith("_")})
+    return out
+
+
+def evaluations(evals: dict[str, dict]) -> str:
+    """One table of every eval result: base, tuned, delta with its 95% interval when compared."""
+    rows = []
+    for task, result in evals.items():
+        if "delta" in result:
+            for metric, d in result["delta"].items():
+                rows.append((task, metric, value_with_error(result["base"], metric),
+                             value_with_error(result["tuned"], metric),
+                             f"{d['delta']:+.4g} [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
+                             + ("" if d["significant"] else " (not significant)")))
+        else:
+            rows += [(task, m, "", value_with_error(result, m), "") for m in _EVAL_SHOWN if m in result]
+    return ("From `medtune eval` (RUN/eval/*.json). Benchmarks are scored by log-likelihood with lm-evaluation-harness "
+            "(± standard error); deltas carry a 95% paired-bootstrap interval. Benchmark scores are not evidence of "
+            "clinical safety.\n\n" + table(["task", "metric", "base", "tuned", "delta [95% CI]"], rows))
+
+
+def samples(rows: list[dict]) -> str:
+    if not rows:
+        return "No sample prompts were set (`samples.prompts` in the recipe)."
+    blocks = []
+    for i, sample in enumerate(rows, 1):
+        prompt = "\n".join(f"> {line}" for line in html.escape(sample["prompt"], quote=False).splitlines())
+        answers = table(["base model", "tuned model"], [(cell(sample["base"]), cell(sample["tuned"]))])
+        blocks.append(f"### Sample {i}\n\n{prompt}\n\n{answers}")
+    return "\n\n".join(blocks)
+
+
+def usage(base: str, run_ref: str) -> str:
+    return f"""\
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({json.dumps(base)}), {json.dumps(run_ref)})
+```
+
+The medtune CLI applies the chat template and stop tokens saved with the run:
+
+```bash
+medtune generate {shlex.quote(run_ref)} --prompt "What is hypertension?"
+medtune chat {shlex.quote(run_ref)}
+```"""
+
+
+def merged_card(run: Path, dtype: str) -> str:
+    """The run's model card with transformers front matter, a note on the merge, and the notice on top."""
+    card = (run / CARD).read_text(encoding="utf-8") if (run / CARD).is_file() else f"# {run.name}\n"
+    front: dict = {}
+    if card.startswith("---\n") and "\n---" in card[4:]:
+        head, card = card[4:].split("\n---", 1)
+        front = yaml.safe_load(head) or {}
+        card = card.lstrip("\n")
+    front["library_name"] = "transformers"
+    front["tags"] = [*[t for t in front.get("tags", []) if t not in ("lora", "qlora")], "merged"]
+    note = (f"> **Merged model.** The adapter below is folded into its base model and saved in {dtype}. Load it "
+            "with `AutoModelForCausalLM.from_pretrained(...)` and `AutoTokenizer.from_pretrained(...)` — no peft "
+            "needed; `generation_config.json` stops on the chat template's end-of-turn tokens.\n>\n"
+            f"> **{NOT_MEDICAL_ADVICE}**")
+    title, _, rest = card.partition("\n")
+    return f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n{title}\n\n{note}\n{rest}"
+
+
+def hub_id_of(name: str) -> str | None:
+    """The hub id of a model name: an alias's id, an `org/name` that is not a local path, else None."""
+    from medtune.models import ALIASES
+
+    alias = ALIASES.get(name.lower())
+    if alias is not None:
+        return alias.hub_id
+    if _HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
+        return name
+    return None
+
+
+# --- markdown helpers (also eval/report.py's) -----------------------------------------------------------------
+
+def table(header: list[str], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def cell(text: Any) -> str:
+    """Text safe inside a markdown table cell: HTML escaped, `|` escaped, newlines as <br>."""
+    text = html.escape(str(text).replace("\r\n", "\n"), quote=False)
+    return text.replace("|", "\\|").replace("\n", "<br>")
+
+
+def number(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return cell(value)
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def value_with_error(metrics: dict, name: str) -> str:
+    """`value ± standard error` (the error when known), "" when the metric is absent."""
+    v = metrics.get(name)
+    err = metrics.get(f"{name}_stderr")
+    if v is None:
+        return ""
+    return f"{number(v)} ± {number(err)}" if err is not None and err == err else number(v)
+
+
+# --- run files --------------------------------------------------------------------------------------------------
+
+def _recipe_value(value: Any) -> str:
+    return cell(value if isinstance(value, str) else json.dumps(value))
+
+
+def _public_name(name: str) -> str:
+    """A model or data name fit for a public card: an absolute (or home) path becomes its last part."""
+    return Path(name).name if Path(name).expanduser().is_absolute() else name
+
+
+def _public(tree: dict) -> dict:
+    """The recipe with every absolute path value replaced by its last part."""
+    return {k: _public(v) if isinstance(v, dict) else _public_name(v) if isinstance(v, str) else v
+            for k, v in tree.items()}
+
+
+def _run_ref(run_dir: Path) -> str:
+    """How the card refers to the run folder: relative to the working directory when inside it, else its name."""
+    try:
+        return Path(run_dir).resolve().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return run_dir.name
+
+
+def _read_json(path: Path, default: Any = None) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else default
+
+
+def _read_yaml(path: Path) -> dict:
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.is_file() else {}

@@ -1,0 +1,36 @@
+"""Every file and folder of a run directory, named once.
+
+```
+runs/<name>/
+  adapter_config.json, adapter_model.safetensors   the PEFT adapter (ADAPTER_FILES)
+  tokenizer files, chat_template.jinja, generation_config.json (stops on the end-of-turn tokens)
+  medtune.json        run meta: base model, template, stop/pad tokens, versions, hardware (run/meta.py)
+  recipe.yaml         the resolved recipe
+  data_report.json    what happened to every row (and `hygiene`, when the data step reports it)
+  metrics.jsonl       one {"step": ..., <metric>: ...} object per log call
+  metrics_final.json  the run's final figures
+  samples.json        base vs tuned answers to the recipe's sample prompts
+  plots/*.png         loss, learning rate, gradient norm
+  eval/<task>.json    `medtune eval` / eval.after_train results (and <task>.md)
+  checkpoints/step-N/ resumable checkpoints
+  tensorboard/, wandb/, mlflow.db   trackers (report_to)
+  README.md           the model card (run/card.py)
+```
+"""
+
+from __future__ import annotations
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+META = "medtune.json"
+RECIPE = "recipe.yaml"
+DATA_REPORT = "data_report.json"
+METRICS = "metrics.jsonl"
+METRICS_FINAL = "metrics_final.json"
+SAMPLES = "samples.json"
+PLOTS = "plots"
+EVAL = "eval"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+WANDB = "wandb"
+MLFLOW_DB = "mlflow.db"
+CARD = "README.md"
