@@ -206,7 +206,7 @@ def test_evaluate_then_training_updates_lora_and_lowers_loss(tiny_llama_dir, ref
     """medtune's own evaluate() (eval mode, no grad: the trigger) and then 5 AdamW steps on one batch."""
     model = qlora_model(tiny_llama_dir)
     data = samples()
-    before = evaluate(model, data, pad_id=PAD_ID, batch_size=2, device=CPU, autocast=NO_AUTOCAST)
+    before = evaluate(model, data, pad_id=PAD_ID, batch_size=2, autocast=NO_AUTOCAST)
     assert before["eval_tokens"] == sum(s.num_loss_tokens for s in data)
     assert model.training, "evaluate() must restore train mode"
 
@@ -229,5 +229,5 @@ def test_evaluate_then_training_updates_lora_and_lowers_loss(tiny_llama_dir, ref
     assert not unchanged, f"LoRA tensors that never moved: {unchanged}"
     assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0] - 1e-3, losses
     assert abs(losses[0] - before["eval_loss"]) < 1e-4, (losses[0], before["eval_loss"])
-    after = evaluate(model, data, pad_id=PAD_ID, batch_size=2, device=CPU, autocast=NO_AUTOCAST)
+    after = evaluate(model, data, pad_id=PAD_ID, batch_size=2, autocast=NO_AUTOCAST)
     assert after["eval_loss"] < before["eval_loss"]

@@ -81,20 +81,37 @@ def perplexity(loaded: Loaded, samples: list[Sample], *, window: int | None = No
     model = loaded.model
     window = window or loaded.max_length
     wins = windows(samples, window, stride or max(1, window // 2), all_tokens)
-    wins.sort(key=lambda w: -len(w.input_ids))  # longest first: little padding, memory peak at once
     device = next(model.parameters()).device
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
     adapter_off = model.disable_adapter() if (loaded.has_adapter and not use_adapter) else nullcontext()
     autocast = torch.autocast(device.type, dtype=loaded.autocast) if loaded.autocast is not None else nullcontext()
-    nll = [0.0] * len(samples)
-    count = [0] * len(samples)
+    with adapter_off:
+        return score(model, wins, len(samples), pad_id=loaded.pad_token_id, batch_size=batch_size, autocast=autocast,
+                     progress=progress)
+
+
+def held_out(model, samples: list[Sample], *, pad_id: int, batch_size: int, autocast) -> Perplexity:
+    """Perplexity of texts that fit the context whole (the training loop's held-out data), one window each."""
+    longest = max(len(s.input_ids) for s in samples)
+    return score(model, windows(samples, longest + 1, longest), len(samples), pad_id=pad_id, batch_size=batch_size,
+                 autocast=autocast, progress=False)
+
+
+@torch.no_grad()  # not inference_mode: the training loop calls this between steps (see models.py's 4-bit guard)
+def score(model, wins: list[Window], n_docs: int, *, pad_id: int, batch_size: int, autocast,
+          progress: bool) -> Perplexity:
+    """Summed NLL and scored tokens per text over its windows, in eval mode (the model's mode is restored)."""
+    wins = sorted(wins, key=lambda w: -len(w.input_ids))  # longest first: little padding, memory peak at once
+    device = next(model.parameters()).device
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    nll = [0.0] * n_docs
+    count = [0] * n_docs
     was_training = model.training
     model.eval()
-    with adapter_off, autocast, tqdm(total=len(wins), desc="perplexity", unit="window", disable=not progress) as bar:
+    with autocast, tqdm(total=len(wins), desc="perplexity", unit="window", disable=not progress) as bar:
         for k in range(0, len(wins), batch_size):
             batch = wins[k: k + batch_size]
             width = max(len(w.input_ids) for w in batch)
-            ids = torch.full((len(batch), width), loaded.pad_token_id, dtype=torch.long)  # (B, T) right-padded
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T) right-padded
             tgt = torch.full((len(batch), width), IGNORE, dtype=torch.long)  # (B, T)
             for b, w in enumerate(batch):
                 ids[b, : len(w.input_ids)] = torch.tensor(w.input_ids)

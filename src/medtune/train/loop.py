@@ -24,10 +24,11 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from medtune.data.batching import Batch, BatchPlan, iterate, pad_collate
+from medtune.data.batching import Batch, BatchPlan, iterate
 from medtune.data.prepare import PreparedData, prepare_data
 from medtune.data.render import IGNORE, Sample
 from medtune.errors import MedtuneError
+from medtune.eval.perplexity import held_out
 from medtune.generate import Loaded, generate, user_turn
 from medtune.models import (
     add_lora,
@@ -104,22 +105,12 @@ def loss_sum(model, batch: Batch, autocast, chunked: bool = True) -> torch.Tenso
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-@torch.no_grad()
-def evaluate(model, samples: list[Sample], *, pad_id: int, batch_size: int, device, autocast) -> dict[str, float]:
-    """Held-out loss and perplexity, token-weighted over the tokens that carry loss."""
+def evaluate(model, samples: list[Sample], *, pad_id: int, batch_size: int, autocast) -> dict[str, float]:
+    """Held-out loss and perplexity, token-weighted over the tokens that carry loss (eval/perplexity.py's)."""
     if not samples:
         return {}
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
-    total, tokens = 0.0, 0
-    for k in range(0, len(order), batch_size):
-        batch = pad_collate([samples[i] for i in order[k: k + batch_size]], pad_id).to(device)
-        total += loss_sum(model, batch, autocast).item()
-        tokens += batch.num_loss_tokens
-    model.train(was_training)
-    loss = total / tokens
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+    p = held_out(model, samples, pad_id=pad_id, batch_size=batch_size, autocast=autocast)
+    return {"eval_loss": p.loss, "eval_ppl": p.perplexity, "eval_tokens": p.tokens}
 
 
 def _micro_batches(data: PreparedData, plan: BatchPlan, pad_id: int, side: str, start: int) -> Iterator[Batch]:
@@ -250,7 +241,7 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
     tracker = RunDir(run_dir, run_name=run_dir.name, config=recipe.to_dict(), report_to=recipe.report_to,
                      wandb_project=recipe.wandb_project, resume=recipe.resume) if dist.is_main else _NoTracker()
     can_eval = dist.is_main and not dist.sharded  # evaluation calls the model outside a sharding engine
-    evaluate_kw = dict(pad_id=chat.pad_token_id, batch_size=cfg.batch_size, device=device, autocast=autocast)
+    evaluate_kw = dict(pad_id=chat.pad_token_id, batch_size=cfg.batch_size, autocast=autocast)
     if cfg.eval_before and data.eval and not state.base_eval and can_eval:
         base = evaluate(model, data.eval, **evaluate_kw)
         state.base_eval = {f"base_{k}": v for k, v in base.items()}
