@@ -158,7 +158,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_bench_serve(args) -> int:
-    from medtune.bench.serve import format_table, run_serve_bench
+    from medtune.bench.serve_load import format_table, run_serve_bench
 
     result = run_serve_bench(args.model, adapters=args.adapter or [], clients=args.clients, seconds=args.seconds,
                              max_tokens=args.max_tokens, max_batch=args.max_batch,
@@ -196,7 +196,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench_train(args) -> int:
-    from medtune.bench.train import bench_config, format_table, run_bench
+    from medtune.bench.train_speed import bench_config, format_table, run_bench
 
     cfg = bench_config(steps=args.steps, model=args.model, data=args.data, quick=args.quick,
                        max_length=args.max_length, batch_size=args.batch_size, systems=args.systems)
@@ -218,8 +218,8 @@ def cmd_bench_scale(args) -> int:
 
 
 def cmd_bench_generate(args) -> int:
-    from medtune.bench.generate import SYSTEMS, format_table, run_bench
-    from medtune.bench.train import parse_systems
+    from medtune.bench.generate_speed import SYSTEMS, format_table, run_bench
+    from medtune.bench.train_speed import parse_systems
 
     systems = parse_systems(args.systems, SYSTEMS)
     result = run_bench(model=args.model, max_new_tokens=args.max_new_tokens, systems=systems, json_path=args.json,
@@ -265,7 +265,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_bench_eval(args) -> int:
-    from medtune.bench.eval import EvalBenchConfig, format_table, parse_systems, run_bench
+    from medtune.bench.eval_speed import EvalBenchConfig, format_table, parse_systems, run_bench
 
     cfg = EvalBenchConfig(model=args.model or EvalBenchConfig.model, task=args.task, data=args.data,
                           limit=args.limit or None, systems=parse_systems(args.systems), batch_size=args.batch_size,

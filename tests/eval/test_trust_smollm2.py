@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import USER_MEDTUNE_HOME
 
-from medtune.bench.eval import EvalBenchConfig, run_bench
+from medtune.bench.eval_speed import EvalBenchConfig, run_bench
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"
 

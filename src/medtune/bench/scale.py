@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from medtune.bench.train import (
+from medtune.bench.train_speed import (
     _json_default,
     _worker_env,
     count_base_params,

@@ -1,7 +1,7 @@
 """`medtune bench generate`: answer speed of medtune's `generate` next to the seed notebooks' transformers pipeline.
 
 Both systems answer the same medical prompts, greedily, up to the same number of new tokens, each in its OWN
-subprocess (`python -m medtune.bench.generate --worker SYSTEM --config JSON`), one after another:
+subprocess (`python -m medtune.bench.generate_speed --worker SYSTEM --config JSON`), one after another:
 
   pipeline  what seed 001 does after training: `transformers.pipeline("text-generation")` on the model as
             loaded by default (fp32 on CPU), the prompt in the model's chat template.
@@ -24,7 +24,7 @@ import statistics
 import sys
 import time
 
-from medtune.bench.train import _json_default, _peak_rss_mb, _worker_env, finite, machine_info, run_subprocess
+from medtune.bench.train_speed import _json_default, _peak_rss_mb, _worker_env, finite, machine_info, run_subprocess
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
@@ -129,7 +129,7 @@ def run_bench(*, model: str = DEFAULT_MODEL, max_new_tokens: int = 128, prompts:
     results: dict[str, dict] = {}
     for system in systems:
         log.info("bench generate: %s ...", system)
-        cmd = [sys.executable, "-m", "medtune.bench.generate", "--worker", system, "--config", json.dumps(cfg)]
+        cmd = [sys.executable, "-m", "medtune.bench.generate_speed", "--worker", system, "--config", json.dumps(cfg)]
         res, wall = run_subprocess(cmd, env=_worker_env(), timeout=timeout)
         res["wall_s"] = wall
         if not res.get("error"):
@@ -166,7 +166,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medtune.bench.generate", description="One `medtune bench generate` worker.")
+    p = argparse.ArgumentParser(prog="python -m medtune.bench.generate_speed", description="One `medtune bench generate` worker.")
     p.add_argument("--worker", required=True, choices=SYSTEMS)
     p.add_argument("--config", required=True, help="JSON: model_dir, prompts, max_new_tokens")
     args = p.parse_args(argv)

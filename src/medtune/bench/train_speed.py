@@ -1,7 +1,7 @@
 """`medtune bench train`: the seed recipe, TRL's fastest CPU setup and medtune, one command, one run, side by side.
 
 Every system trains the same model on the same texts for the same number of optimizer steps, each in its OWN
-subprocess (`python -m medtune.bench.train --worker SYSTEM --config JSON`), one after another, so that peak RSS
+subprocess (`python -m medtune.bench.train_speed --worker SYSTEM --config JSON`), one after another, so that peak RSS
 is per system and no system inherits another's allocator, thread pool or imports. Each worker prints one JSON line
 (its last stdout line): per-step tokens, seconds and loss, its peak RSS and how it was set up. This process turns
 those into tokens/s, loss and MFU, prints a table and, with `--json FILE`, writes everything.
@@ -128,7 +128,7 @@ def find_data(spec: str | None) -> str:
     """--data as given; else the shared medical terms next to the repo (or the cwd); else demo:terms."""
     if spec:
         return spec
-    repo = Path(__file__).resolve().parents[3]  # src/medtune/bench/train.py → repo root (src layout)
+    repo = Path(__file__).resolve().parents[3]  # src/medtune/bench/train_speed.py → repo root (src layout)
     for base in (repo, Path.cwd()):
         candidate = (base / SHARED_DATA).resolve()
         if candidate.is_file():
@@ -529,7 +529,7 @@ def _run_bench(cfg: BenchConfig, *, json_path: str | Path | None, command: str |
             work = Path(tmp) / system
             work.mkdir()
             log.info("bench: [%d/%d] %s ...", i, len(cfg.systems), system)
-            cmd = [sys.executable, "-m", "medtune.bench.train", "--worker", system, "--config",
+            cmd = [sys.executable, "-m", "medtune.bench.train_speed", "--worker", system, "--config",
                    json.dumps({**worker_cfg, "workdir": str(work)})]
             load = os.getloadavg()[0]
             res, wall = run_subprocess(cmd, env=env, timeout=cfg.timeout, stream=stream)
@@ -649,7 +649,7 @@ def format_table(result: dict) -> str:
 # ---- worker entry point ------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medtune.bench.train",
+    p = argparse.ArgumentParser(prog="python -m medtune.bench.train_speed",
                                 description="One benchmark worker (run by `medtune bench train`).")
     p.add_argument("--worker", required=True, choices=SYSTEMS)
     p.add_argument("--config", required=True, help="JSON object: model_dir, data_file, steps, ... (see run_bench)")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from medtune.bench import generate as bench
+from medtune.bench import generate_speed as bench
 from medtune.errors import MedtuneError
 
 

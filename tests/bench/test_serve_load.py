@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from medtune.bench import serve as bench
+from medtune.bench import serve_load as bench
 from medtune.errors import MedtuneError
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from medtune.bench.eval import EvalBenchConfig, assemble, format_table, parse_systems, run_bench
+from medtune.bench.eval_speed import EvalBenchConfig, assemble, format_table, parse_systems, run_bench
 from medtune.errors import MedtuneError
 
 

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-from medtune.bench import train as train_bench
-from medtune.bench.train import _fmt, _peak_rss_mb, _worker_env, machine_info, run_subprocess
+from medtune.bench import train_speed as train_bench
+from medtune.bench.train_speed import _fmt, _peak_rss_mb, _worker_env, machine_info, run_subprocess
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
@@ -168,7 +168,7 @@ def run_bench(cfg: EvalBenchConfig, *, json_path: str | Path | None = None, comm
             if system == "lm-eval-cli":
                 systems[system] = _cli(wcfg, Path(tmp) / "cli-out", cfg.timeout)
                 continue
-            cmd = [sys.executable, "-m", "medtune.bench.eval", "--worker", system, "--config", json.dumps(wcfg)]
+            cmd = [sys.executable, "-m", "medtune.bench.eval_speed", "--worker", system, "--config", json.dumps(wcfg)]
             systems[system], wall = run_subprocess(cmd, env=_worker_env(), timeout=cfg.timeout)
             systems[system]["wall_s"] = wall
     result = assemble(systems, n_items=sum(len(s.items) for s in subsets))
@@ -229,7 +229,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medtune.bench.eval",
+    p = argparse.ArgumentParser(prog="python -m medtune.bench.eval_speed",
                                 description="One benchmark worker (run by `medtune bench eval`).")
     p.add_argument("--worker", required=True, choices=("lm-eval", "medtune"))
     p.add_argument("--config", required=True, help="JSON object (see run_bench)")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from medtune.bench import train as bench
+from medtune.bench import train_speed as bench
 from medtune.errors import MedtuneError
 
 
