@@ -219,7 +219,7 @@ def cmd_bench_scale(args) -> int:
 
 def cmd_bench_generate(args) -> int:
     from medtune.bench.generate_speed import SYSTEMS, format_table, run_bench
-    from medtune.bench.train_speed import parse_systems
+    from medtune.bench.harness import parse_systems
 
     systems = parse_systems(args.systems, SYSTEMS)
     result = run_bench(model=args.model, max_new_tokens=args.max_new_tokens, systems=systems, json_path=args.json,

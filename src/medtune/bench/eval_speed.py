@@ -19,7 +19,6 @@ agrees with lm-eval's; medtune/lm-eval ratio of items/s. Threads: torch's defaul
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -29,8 +28,8 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-from medtune.bench import train_speed as train_bench
-from medtune.bench.train_speed import _fmt, _peak_rss_mb, _worker_env, machine_info, run_subprocess
+from medtune.bench import harness
+from medtune.bench.harness import fmt, machine_info, run_worker_process, worker_env, worker_main, write_json
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
@@ -64,7 +63,7 @@ def find_data(task: str, spec: str | None) -> str:
     raise MedtuneError(f"{SHARED_EVAL / DEFAULT_DATA[task]} not found; pass --data", field="--data")
 
 
-parse_systems = partial(train_bench.parse_systems, choices=SYSTEMS)
+parse_systems = partial(harness.parse_systems, choices=SYSTEMS)
 
 
 # ---- workers (each in its own process) --------------------------------------------------------------------------
@@ -108,16 +107,7 @@ def _medtune_worker(cfg: dict) -> dict:
 
 
 def run_worker(system: str, cfg: dict) -> dict:
-    start = time.perf_counter()
-    try:
-        out = _medtune_worker(cfg) if system == "medtune" else _lm_eval_worker(cfg)
-    except Exception as e:  # reported in the JSON; the other systems still run
-        import traceback
-
-        traceback.print_exc()
-        out = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
-    out.update(system=system, peak_rss_mb=_peak_rss_mb(), worker_s=time.perf_counter() - start)
-    return out
+    return _medtune_worker(cfg) if system == "medtune" else _lm_eval_worker(cfg)
 
 
 def _cli(cfg: dict, out_dir: Path, timeout: float | None) -> dict:
@@ -130,7 +120,7 @@ def _cli(cfg: dict, out_dir: Path, timeout: float | None) -> dict:
     import subprocess
 
     try:
-        proc = subprocess.run(cmd, env=_worker_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - start
@@ -168,16 +158,12 @@ def run_bench(cfg: EvalBenchConfig, *, json_path: str | Path | None = None, comm
             if system == "lm-eval-cli":
                 systems[system] = _cli(wcfg, Path(tmp) / "cli-out", cfg.timeout)
                 continue
-            cmd = [sys.executable, "-m", "medtune.bench.eval_speed", "--worker", system, "--config", json.dumps(wcfg)]
-            systems[system], wall = run_subprocess(cmd, env=_worker_env(), timeout=cfg.timeout)
-            systems[system]["wall_s"] = wall
+            systems[system] = run_worker_process("medtune.bench.eval_speed", wcfg, system=system, timeout=cfg.timeout)
     result = assemble(systems, n_items=sum(len(s.items) for s in subsets))
     result.update(config={**asdict(cfg), "model_dir": model_dir, "data": data, "tasks": names},
                   machine={**machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
                   command=command)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_json(json_path, result)
     return result
 
 
@@ -217,8 +203,8 @@ def format_table(result: dict) -> str:
             lines.append(f"{name:<12} error: {s['error']}")
             continue
         agree = f"{s['agree_with_lm_eval']}/{s['items']}" if "agree_with_lm_eval" in s else "-"
-        lines.append(f"{name:<12} {s['items']:>5} {_fmt(s.get('items_per_s'), '8.2f')} {_fmt(s.get('score_s'), '8.1f')} "
-                     f"{_fmt(s.get('load_s'), '7.1f')} {_fmt(s.get('wall_s'), '7.1f')} {_fmt(s['acc'], '7.4f')} "
+        lines.append(f"{name:<12} {s['items']:>5} {fmt(s.get('items_per_s'), '8.2f')} {fmt(s.get('score_s'), '8.1f')} "
+                     f"{fmt(s.get('load_s'), '7.1f')} {fmt(s.get('wall_s'), '7.1f')} {fmt(s['acc'], '7.4f')} "
                      f"{agree:>6} {str(s.get('dtype', '-')):>16} {s.get('batch_size', '-')!s:>5}")
     notes = []
     if result.get("speedup_vs_lm_eval") is not None:
@@ -229,15 +215,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medtune.bench.eval_speed",
-                                description="One benchmark worker (run by `medtune bench eval`).")
-    p.add_argument("--worker", required=True, choices=("lm-eval", "medtune"))
-    p.add_argument("--config", required=True, help="JSON object (see run_bench)")
-    args = p.parse_args(argv)
-    result = run_worker(args.worker, json.loads(args.config))
-    sys.stdout.flush()
-    print(json.dumps(result), flush=True)
-    return 1 if result.get("error") else 0
+    return worker_main(argv, run_worker, prog="python -m medtune.bench.eval_speed",
+                       description="One benchmark worker (run by `medtune bench eval`).", systems=("lm-eval", "medtune"))
 
 
 if __name__ == "__main__":

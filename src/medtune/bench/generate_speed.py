@@ -16,15 +16,13 @@ tokens can differ a little between systems: the table shows it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import shlex
 import statistics
 import sys
 import time
 
-from medtune.bench.train_speed import _json_default, _peak_rss_mb, _worker_env, finite, machine_info, run_subprocess
+from medtune.bench.harness import machine_info, run_worker_process, worker_main, write_json
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
@@ -129,9 +127,7 @@ def run_bench(*, model: str = DEFAULT_MODEL, max_new_tokens: int = 128, prompts:
     results: dict[str, dict] = {}
     for system in systems:
         log.info("bench generate: %s ...", system)
-        cmd = [sys.executable, "-m", "medtune.bench.generate_speed", "--worker", system, "--config", json.dumps(cfg)]
-        res, wall = run_subprocess(cmd, env=_worker_env(), timeout=timeout)
-        res["wall_s"] = wall
+        res = run_worker_process("medtune.bench.generate_speed", cfg, system=system, timeout=timeout)
         if not res.get("error"):
             res.update(summarize(res["runs"]))
         results[system] = res
@@ -141,10 +137,7 @@ def run_bench(*, model: str = DEFAULT_MODEL, max_new_tokens: int = 128, prompts:
     if "pipeline" in ok and "medtune" in ok:
         result["speedup_tokens_per_s"] = ok["medtune"]["tokens_per_s"] / ok["pipeline"]["tokens_per_s"]
         result["ttft_ratio"] = ok["medtune"]["ttft_ms_median"] / ok["pipeline"]["ttft_ms_median"]
-    if json_path:
-        from pathlib import Path
-
-        Path(json_path).write_text(json.dumps(finite(result), indent=2, default=_json_default) + "\n", encoding="utf-8")
+    write_json(json_path, result)
     return result
 
 
@@ -166,17 +159,8 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medtune.bench.generate_speed", description="One `medtune bench generate` worker.")
-    p.add_argument("--worker", required=True, choices=SYSTEMS)
-    p.add_argument("--config", required=True, help="JSON: model_dir, prompts, max_new_tokens")
-    args = p.parse_args(argv)
-    try:
-        result = run_worker(args.worker, json.loads(args.config))
-    except Exception as e:  # reported in the JSON
-        result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
-    result["peak_rss_mb"] = _peak_rss_mb()
-    print(json.dumps(result, default=_json_default), flush=True)
-    return 1 if result.get("error") else 0
+    return worker_main(argv, run_worker, prog="python -m medtune.bench.generate_speed",
+                       description="One `medtune bench generate` worker.", systems=SYSTEMS)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,6 @@ Each worker reports tokens/s over the steps after the first (warm-up) and where 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import shlex
 import sys
@@ -34,14 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from medtune.bench.train_speed import (
-    _json_default,
-    _worker_env,
-    count_base_params,
-    finite,
-    machine_info,
-    run_subprocess,
-)
+from medtune.bench.harness import machine_info, run_worker_process, worker_main, write_json
+from medtune.bench.train_speed import count_base_params
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
@@ -240,7 +232,6 @@ def run_scale(cfg: ScaleConfig, *, json_path: str | Path | None = None, plot_pat
     cache = Path(cfg.cache_dir) if cfg.cache_dir else medtune_home() / "bench"
     cache.mkdir(parents=True, exist_ok=True)
     shapes = {**WIDTHS, **cfg.extra_shapes}
-    env = _worker_env()
     rows = []
     total = len(cfg.widths) * len(cfg.methods) * len(cfg.lengths)
     for width in cfg.widths:
@@ -251,9 +242,8 @@ def run_scale(cfg: ScaleConfig, *, json_path: str | Path | None = None, plot_pat
                 log.info("scale: [%d/%d] %s %s length %d ...", len(rows) + 1, total, width, method, length)
                 worker = {"model_dir": str(model_dir), "method": method, "length": length, "steps": cfg.steps,
                           "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": list(cfg.target_modules)}
-                cmd = [sys.executable, "-m", "medtune.bench.scale", "--worker", "--config", json.dumps(worker)]
-                res, wall = run_subprocess(cmd, env=env, timeout=cfg.timeout)
-                res.update(width=width, params=params, method=method, length=length, wall_s=wall)
+                res = run_worker_process("medtune.bench.scale", worker, timeout=cfg.timeout)
+                res.update(width=width, params=params, method=method, length=length)
                 rows.append(res)
                 if res.get("error"):
                     log.info("scale: failed: %s", res["error"])
@@ -261,9 +251,7 @@ def run_scale(cfg: ScaleConfig, *, json_path: str | Path | None = None, plot_pat
                     log.info("scale: %.0f tokens/s, peak RSS %.0f MB", res["tokens_per_s"], res["memory_mb"]["peak_rss"])
     result = {"rows": rows, "config": asdict(cfg), "machine": machine_info(),
               "command": command or shlex.join(sys.argv)}
-    if json_path:
-        Path(json_path).write_text(json.dumps(finite(result), indent=2, default=_json_default) + "\n",
-                                   encoding="utf-8")
+    write_json(json_path, result)
     if plot_path:
         plot(result, Path(plot_path))
     return result
@@ -316,16 +304,8 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medtune.bench.scale", description="One `medtune bench scale` worker.")
-    p.add_argument("--worker", action="store_true", required=True)
-    p.add_argument("--config", required=True, help="JSON: model_dir, method, length, steps, lora_r, ...")
-    args = p.parse_args(argv)
-    try:
-        result = run_worker(json.loads(args.config))
-    except Exception as e:  # reported in the JSON; the other configurations still run
-        result = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
-    print(json.dumps(result, default=_json_default), flush=True)
-    return 1 if result.get("error") else 0
+    return worker_main(argv, run_worker, prog="python -m medtune.bench.scale",
+                       description="One `medtune bench scale` worker.")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from medtune.bench.harness import fmt, write_json
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
@@ -235,14 +236,10 @@ def run_serve_bench(model: str | None = None, *, adapters: list[str] = (), clien
                                 log_path=work / "fuzz-server.log") as url:
                 result["schemathesis"] = run_schemathesis(url, schemathesis_examples, work)
     result["load_avg_after"] = os.getloadavg()
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_json(json_path, result)
     return result
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def format_table(result: dict) -> str:
@@ -255,10 +252,10 @@ def format_table(result: dict) -> str:
              f"{'ttft50':>7} {'ttft95':>7}"]
     rows = [*load["per_model"].items(), ("all", load)]
     for name, s in rows:
-        lines.append(f"{name[-28:]:<28} {s['requests']:>5} {s['errors']:>4} {_fmt(s['requests_per_s'], '.2f'):>7} "
-                     f"{_fmt(s['tokens_per_s'], '.1f'):>7} {_fmt(s['latency_p50_s'], '.2f'):>7} "
-                     f"{_fmt(s['latency_p95_s'], '.2f'):>7} {_fmt(s['ttft_p50_s'], '.2f'):>7} "
-                     f"{_fmt(s['ttft_p95_s'], '.2f'):>7}")
+        lines.append(f"{name[-28:]:<28} {s['requests']:>5} {s['errors']:>4} {fmt(s['requests_per_s'], '.2f'):>7} "
+                     f"{fmt(s['tokens_per_s'], '.1f'):>7} {fmt(s['latency_p50_s'], '.2f'):>7} "
+                     f"{fmt(s['latency_p95_s'], '.2f'):>7} {fmt(s['ttft_p50_s'], '.2f'):>7} "
+                     f"{fmt(s['ttft_p95_s'], '.2f'):>7}")
     if load["error_kinds"]:
         lines.append("errors: " + ", ".join(f"{k} x{n}" for k, n in load["error_kinds"].items()))
     if "schemathesis" in result:

@@ -34,26 +34,31 @@ Threads: workers keep torch's default (one per core; OMP_NUM_THREADS is respecte
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
-import platform
 import random
-import resource
 import shlex
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from medtune.bench.harness import (
+    fmt,
+    machine_info,
+    parse_systems,
+    run_subprocess,
+    run_worker_process,
+    worker_env,
+    worker_main,
+    write_json,
+)
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
@@ -93,7 +98,7 @@ class BenchConfig:
 def bench_config(*, steps: int | None = None, model: str | None = None, data: str | None = None, quick: bool = False,
                  max_length: int | None = None, batch_size: int = 4, systems: str | None = None) -> BenchConfig:
     """The CLI's flags → a validated config. --quick means 8 steps at max_length 256 unless those are given."""
-    chosen = parse_systems(systems) if systems else SYSTEMS
+    chosen = parse_systems(systems, SYSTEMS) if systems else SYSTEMS
     cfg = BenchConfig(model=model or DEFAULT_MODEL, data=data,
                       steps=steps if steps is not None else (QUICK_STEPS if quick else DEFAULT_STEPS),
                       max_length=max_length if max_length is not None else (QUICK_MAX_LENGTH if quick else DEFAULT_MAX_LENGTH),
@@ -102,14 +107,6 @@ def bench_config(*, steps: int | None = None, model: str | None = None, data: st
     return cfg
 
 
-def parse_systems(text: str, choices: tuple[str, ...] = SYSTEMS) -> tuple[str, ...]:
-    """--systems "a, b,a" → ("a", "b"), each one of `choices`."""
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = [s for s in names if s not in choices]
-    if unknown or not names:
-        raise MedtuneError(f"unknown system {', '.join(unknown) or '(none)'}; choose from {','.join(choices)}",
-                           field="--systems")
-    return tuple(dict.fromkeys(names))
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -253,8 +250,6 @@ def loss_at_tokens(steps: list[dict], budget: float, tail: float = LOSS_TAIL) ->
 
 # ---- workers (run in their own process) -----------------------------------------------------------------------
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _sampling_kwargs(config_cls) -> dict:
@@ -399,85 +394,17 @@ def medtune_steps(metrics_file: Path) -> list[dict]:
 
 
 def run_worker(system: str, cfg: dict) -> dict:
-    start = time.perf_counter()
-    try:
-        if system in ("medtune", "qlora"):
-            out = _medtune_worker(cfg, quantized=system == "qlora")
-        else:
-            out = _trl_worker(system, cfg)
-    except Exception as e:  # reported in the JSON; the other systems still run
-        traceback.print_exc()
-        out = {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
-    out.update(system=system, peak_rss_mb=_peak_rss_mb(), worker_s=time.perf_counter() - start)
-    return out
+    if system in ("medtune", "qlora"):
+        return _medtune_worker(cfg, quantized=system == "qlora")
+    return _trl_worker(system, cfg)
 
 
 # ---- the harness ------------------------------------------------------------------------------------------------
 
-def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)  # threads: torch's default, or the user's OMP_NUM_THREADS; we set nothing
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["HF_HUB_OFFLINE"] = "1"  # the model is already resolved to a local folder, the data is a local file
-    env["HF_DATASETS_OFFLINE"] = "1"
-    env.setdefault("WANDB_MODE", "disabled")
-    return env
 
 
-def run_subprocess(cmd: list[str], *, env: dict | None = None, timeout: float | None = None,
-                   stream: bool = False) -> tuple[dict, float]:
-    """Run a worker; its last stdout line that is a JSON object is its result. Anything else is an error result."""
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None if stream else subprocess.PIPE,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}, time.perf_counter() - start
-    wall = time.perf_counter() - start
-    for line in reversed(proc.stdout.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                result = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(result, dict):
-                if proc.returncode != 0 and "error" not in result:
-                    result["error"] = f"exit code {proc.returncode}"
-                return result, wall
-    tail = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
-    why = tail[-1].strip() if tail else "no output (see stderr above)" if stream else "no output"
-    return {"error": f"exit code {proc.returncode}: {why}", "stderr_tail": "\n".join(tail[-30:])}, wall
 
 
-def machine_info() -> dict:
-    import torch
-
-    cpu, flags = "", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not cpu:
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        mem = float("nan")
-    versions = {}
-    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "datasets"):
-        try:
-            from importlib.metadata import version
-
-            versions[pkg] = version(pkg)
-        except Exception:
-            versions[pkg] = None
-    return {"cpu": cpu or platform.processor(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "memory_gib": round(mem, 1),
-            "cpu_bf16_flags": sorted(f for f in flags if "bf16" in f or f.startswith("amx")),
-            "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-            "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
 
 
 def run_bench(cfg: BenchConfig, *, json_path: str | Path | None = None, command: str | None = None) -> dict:
@@ -509,7 +436,7 @@ def _run_bench(cfg: BenchConfig, *, json_path: str | Path | None, command: str |
     tok = AutoTokenizer.from_pretrained(model_dir)
     texts = build_texts(data_spec, tok, cfg.steps * cfg.batch_size, seed=0)
     base_params = count_base_params(model_dir)
-    env = _worker_env()
+    env = worker_env()
     stream = log.isEnabledFor(logging.DEBUG)
     load_before = os.getloadavg()
     systems: dict[str, dict] = {}
@@ -529,11 +456,11 @@ def _run_bench(cfg: BenchConfig, *, json_path: str | Path | None, command: str |
             work = Path(tmp) / system
             work.mkdir()
             log.info("bench: [%d/%d] %s ...", i, len(cfg.systems), system)
-            cmd = [sys.executable, "-m", "medtune.bench.train_speed", "--worker", system, "--config",
-                   json.dumps({**worker_cfg, "workdir": str(work)})]
             load = os.getloadavg()[0]
-            res, wall = run_subprocess(cmd, env=env, timeout=cfg.timeout, stream=stream)
-            res["wall_s"], res["loadavg"] = wall, [load, os.getloadavg()[0]]  # 1-minute, before and after
+            res = run_worker_process("medtune.bench.train_speed", {**worker_cfg, "workdir": str(work)}, system=system,
+                                     timeout=cfg.timeout, stream=stream)
+            wall = res["wall_s"]
+            res["loadavg"] = [load, os.getloadavg()[0]]  # 1-minute, before and after
             if not res.get("error"):
                 try:
                     res.update(summarize_steps(res["steps"]))
@@ -551,9 +478,7 @@ def _run_bench(cfg: BenchConfig, *, json_path: str | Path | None, command: str |
     peak = best_peak(peaks)
     result = assemble(systems, peak, cfg=cfg, base_params=base_params, data_spec=data_spec, model_dir=model_dir,
                       command=command or shlex.join(sys.argv), load=(load_before, os.getloadavg()))
-    if json_path:
-        Path(json_path).write_text(json.dumps(finite(result), indent=2, default=_json_default) + "\n",
-                                   encoding="utf-8")
+    write_json(json_path, result)
     return result
 
 
@@ -569,19 +494,8 @@ def best_peak(runs: list[dict]) -> dict:
     return out
 
 
-def _json_default(obj):
-    return str(obj)
 
 
-def finite(obj):
-    """NaN/inf → None, so the JSON file is strict JSON that any tool reads."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite(v) for v in obj]
-    return obj
 
 
 def _ratio(a: dict | None, b: dict | None) -> float | None:
@@ -613,10 +527,6 @@ def assemble(systems: dict[str, dict], peak: dict, *, cfg: BenchConfig, base_par
             "machine": machine, "command": command}
 
 
-def _fmt(value, spec: str) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return format(value, spec)
 
 
 def format_table(result: dict) -> str:
@@ -625,7 +535,7 @@ def format_table(result: dict) -> str:
             f"{'MFU bf16 %':>10} {'MFU fp32 %':>10} {'wall s':>7}")
     lines = [f"medtune bench train: {c['model']} | {c['steps']} steps x batch {c['batch_size']}, max_length "
              f"{c['max_length']} | data {c['data']}",
-             f"matmul peak (best of before/after) bf16 {_fmt(result['peak_bf16_tflops'], '.3f')} / fp32 {_fmt(result['peak_fp32_tflops'], '.3f')} "
+             f"matmul peak (best of before/after) bf16 {fmt(result['peak_bf16_tflops'], '.3f')} / fp32 {fmt(result['peak_fp32_tflops'], '.3f')} "
              f"TFLOP/s | {m['torch_threads']} threads | load avg {m['loadavg_before'][0]:.2f} -> "
              f"{m['loadavg_after'][0]:.2f} | tokens/s excludes the first {c['warmup_steps']} steps",
              "", head, "-" * len(head)]
@@ -633,14 +543,14 @@ def format_table(result: dict) -> str:
         if s.get("error"):
             lines.append(f"{name:<8} error: {s['error']}")
             continue
-        lines.append(f"{name:<8} {_fmt(s['tokens_per_s'], '9.1f')} {_fmt(s['tokens_per_step'], '8.0f')} "
-                     f"{_fmt(s['peak_rss_mb'], '11.0f')} {_fmt(s['loss'], '7.4f')} "
-                     f"{_fmt(s.get('loss_equal_tokens'), '9.4f')} {_fmt(s.get('mfu_bf16_pct'), '10.2f')} "
-                     f"{_fmt(s.get('mfu_fp32_pct'), '10.2f')} {_fmt(s['wall_s'], '7.0f')}")
-    ratios = [f"medtune/{k} {_fmt(result[f'speedup_vs_{k}'], '.2f')}x" for k in ("seed", "trl")
+        lines.append(f"{name:<8} {fmt(s['tokens_per_s'], '9.1f')} {fmt(s['tokens_per_step'], '8.0f')} "
+                     f"{fmt(s['peak_rss_mb'], '11.0f')} {fmt(s['loss'], '7.4f')} "
+                     f"{fmt(s.get('loss_equal_tokens'), '9.4f')} {fmt(s.get('mfu_bf16_pct'), '10.2f')} "
+                     f"{fmt(s.get('mfu_fp32_pct'), '10.2f')} {fmt(s['wall_s'], '7.0f')}")
+    ratios = [f"medtune/{k} {fmt(result[f'speedup_vs_{k}'], '.2f')}x" for k in ("seed", "trl")
               if result.get(f"speedup_vs_{k}") is not None]
     if result.get("qlora_vs_lora") is not None:
-        ratios.append(f"qlora/medtune {_fmt(result['qlora_vs_lora'], '.2f')}x")
+        ratios.append(f"qlora/medtune {fmt(result['qlora_vs_lora'], '.2f')}x")
     if ratios:
         lines += ["", "tokens/s: " + ", ".join(ratios)]
     return "\n".join(lines)
@@ -649,15 +559,8 @@ def format_table(result: dict) -> str:
 # ---- worker entry point ------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m medtune.bench.train_speed",
-                                description="One benchmark worker (run by `medtune bench train`).")
-    p.add_argument("--worker", required=True, choices=SYSTEMS)
-    p.add_argument("--config", required=True, help="JSON object: model_dir, data_file, steps, ... (see run_bench)")
-    args = p.parse_args(argv)
-    result = run_worker(args.worker, json.loads(args.config))
-    sys.stdout.flush()
-    print(json.dumps(result, default=_json_default), flush=True)
-    return 1 if result.get("error") else 0
+    return worker_main(argv, run_worker, prog="python -m medtune.bench.train_speed",
+                       description="One benchmark worker (run by `medtune bench train`).", systems=SYSTEMS)
 
 
 if __name__ == "__main__":
