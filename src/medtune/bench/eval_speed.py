@@ -29,7 +29,15 @@ from functools import partial
 from pathlib import Path
 
 from medtune.bench import harness
-from medtune.bench.harness import fmt, machine_info, run_worker_process, worker_env, worker_main, write_json
+from medtune.bench.harness import (
+    fmt,
+    machine_info,
+    run_worker_process,
+    system_rows,
+    worker_env,
+    worker_main,
+    write_json,
+)
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
@@ -190,6 +198,13 @@ def assemble(systems: dict[str, dict], n_items: int) -> dict:
     return {"systems": systems, "n_items": n_items, "speedup_vs_lm_eval": ratio, "acc_points_vs_cli": acc_gap}
 
 
+def _row(name: str, s: dict) -> str:
+    agree = f"{s['agree_with_lm_eval']}/{s['items']}" if "agree_with_lm_eval" in s else "-"
+    return (f"{name:<12} {s['items']:>5} {fmt(s.get('items_per_s'), '8.2f')} {fmt(s.get('score_s'), '8.1f')} "
+            f"{fmt(s.get('load_s'), '7.1f')} {fmt(s.get('wall_s'), '7.1f')} {fmt(s['acc'], '7.4f')} "
+            f"{agree:>6} {str(s.get('dtype', '-')):>16} {s.get('batch_size', '-')!s:>5}")
+
+
 def format_table(result: dict) -> str:
     c, m = result["config"], result["machine"]
     head = (f"{'system':<12} {'items':>5} {'items/s':>8} {'score s':>8} {'load s':>7} {'wall s':>7} {'acc':>7} "
@@ -197,15 +212,7 @@ def format_table(result: dict) -> str:
     lines = [f"medtune bench eval: {c['model']} | {c['task']} ({', '.join(c['tasks'])}) | {result['n_items']} items | "
              f"{c['data']}",
              f"{m['torch_threads']} threads | load avg {m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f}",
-             "", head, "-" * len(head)]
-    for name, s in result["systems"].items():
-        if s.get("error"):
-            lines.append(f"{name:<12} error: {s['error']}")
-            continue
-        agree = f"{s['agree_with_lm_eval']}/{s['items']}" if "agree_with_lm_eval" in s else "-"
-        lines.append(f"{name:<12} {s['items']:>5} {fmt(s.get('items_per_s'), '8.2f')} {fmt(s.get('score_s'), '8.1f')} "
-                     f"{fmt(s.get('load_s'), '7.1f')} {fmt(s.get('wall_s'), '7.1f')} {fmt(s['acc'], '7.4f')} "
-                     f"{agree:>6} {str(s.get('dtype', '-')):>16} {s.get('batch_size', '-')!s:>5}")
+             "", *system_rows(result["systems"], head, 12, _row)]
     notes = []
     if result.get("speedup_vs_lm_eval") is not None:
         notes.append(f"items/s medtune/lm-eval {result['speedup_vs_lm_eval']:.2f}x")

@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from medtune.bench.harness import machine_info, run_worker_process, worker_main, write_json
+from medtune.bench.harness import machine_info, run_worker_process, system_rows, worker_main, write_json
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
@@ -145,13 +145,9 @@ def format_table(result: dict) -> str:
     c = result["config"]
     head = f"{'system':<9} {'dtype':<15} {'new tokens':>10} {'tokens/s':>9} {'decode tok/s':>12} {'TTFT ms':>8} {'peak RSS MB':>11}"
     lines = [f"medtune bench generate: {c['model']} | {len(c['prompts'])} prompts, greedy, up to "
-             f"{c['max_new_tokens']} new tokens", "", head, "-" * len(head)]
-    for name, s in result["systems"].items():
-        if s.get("error"):
-            lines.append(f"{name:<9} error: {s['error']}")
-            continue
-        lines.append(f"{name:<9} {s['dtype']:<15} {s['new_tokens']:>10} {s['tokens_per_s']:9.1f} "
-                     f"{s['decode_tokens_per_s']:12.1f} {s['ttft_ms_median']:8.0f} {s['peak_rss_mb']:11.0f}")
+             f"{c['max_new_tokens']} new tokens", "", *system_rows(result["systems"], head, 9, lambda name, s: (
+                 f"{name:<9} {s['dtype']:<15} {s['new_tokens']:>10} {s['tokens_per_s']:9.1f} "
+                 f"{s['decode_tokens_per_s']:12.1f} {s['ttft_ms_median']:8.0f} {s['peak_rss_mb']:11.0f}"))]
     if "speedup_tokens_per_s" in result:
         lines += ["", f"tokens/s: medtune/pipeline {result['speedup_tokens_per_s']:.2f}x; "
                       f"time to first token: medtune/pipeline {result['ttft_ratio']:.2f}x"]

@@ -169,3 +169,11 @@ def fmt(value, spec: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return format(value, spec)
+
+
+def system_rows(systems: dict[str, dict], head: str, width: int, row: Callable[[str, dict], str]) -> list[str]:
+    """The header, its rule, then one line per system: `row(name, result)`, or the system's error."""
+    lines = [head, "-" * len(head)]
+    for name, s in systems.items():
+        lines.append(f"{name:<{width}} error: {s['error']}" if s.get("error") else row(name, s))
+    return lines

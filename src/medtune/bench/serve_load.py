@@ -240,8 +240,6 @@ def run_serve_bench(model: str | None = None, *, adapters: list[str] = (), clien
     return result
 
 
-
-
 def format_table(result: dict) -> str:
     load = result["load"]
     lines = [f"medtune serve: {result['model']} ({', '.join(result['served_models'])}), {result['clients']} streaming "

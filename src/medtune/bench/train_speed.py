@@ -55,6 +55,7 @@ from medtune.bench.harness import (
     parse_systems,
     run_subprocess,
     run_worker_process,
+    system_rows,
     worker_env,
     worker_main,
     write_json,
@@ -105,8 +106,6 @@ def bench_config(*, steps: int | None = None, model: str | None = None, data: st
                       batch_size=batch_size, systems=chosen)
     validate(cfg)
     return cfg
-
-
 
 
 def validate(cfg: BenchConfig) -> None:
@@ -249,7 +248,6 @@ def loss_at_tokens(steps: list[dict], budget: float, tail: float = LOSS_TAIL) ->
 
 
 # ---- workers (run in their own process) -----------------------------------------------------------------------
-
 
 
 def _sampling_kwargs(config_cls) -> dict:
@@ -402,11 +400,6 @@ def run_worker(system: str, cfg: dict) -> dict:
 # ---- the harness ------------------------------------------------------------------------------------------------
 
 
-
-
-
-
-
 def run_bench(cfg: BenchConfig, *, json_path: str | Path | None = None, command: str | None = None) -> dict:
     """Run every chosen system in its own subprocess, one after another; return (and optionally write) the results."""
     # SIGTERM becomes SystemExit, so the running worker is killed (subprocess.run does that on any exception)
@@ -494,10 +487,6 @@ def best_peak(runs: list[dict]) -> dict:
     return out
 
 
-
-
-
-
 def _ratio(a: dict | None, b: dict | None) -> float | None:
     if not a or not b or a.get("error") or b.get("error"):
         return None
@@ -527,8 +516,6 @@ def assemble(systems: dict[str, dict], peak: dict, *, cfg: BenchConfig, base_par
             "machine": machine, "command": command}
 
 
-
-
 def format_table(result: dict) -> str:
     c, m = result["config"], result["machine"]
     head = (f"{'system':<8} {'tokens/s':>9} {'tok/step':>8} {'peak RSS MB':>11} {'loss':>7} {'loss@=tok':>9} "
@@ -538,15 +525,11 @@ def format_table(result: dict) -> str:
              f"matmul peak (best of before/after) bf16 {fmt(result['peak_bf16_tflops'], '.3f')} / fp32 {fmt(result['peak_fp32_tflops'], '.3f')} "
              f"TFLOP/s | {m['torch_threads']} threads | load avg {m['loadavg_before'][0]:.2f} -> "
              f"{m['loadavg_after'][0]:.2f} | tokens/s excludes the first {c['warmup_steps']} steps",
-             "", head, "-" * len(head)]
-    for name, s in result["systems"].items():
-        if s.get("error"):
-            lines.append(f"{name:<8} error: {s['error']}")
-            continue
-        lines.append(f"{name:<8} {fmt(s['tokens_per_s'], '9.1f')} {fmt(s['tokens_per_step'], '8.0f')} "
-                     f"{fmt(s['peak_rss_mb'], '11.0f')} {fmt(s['loss'], '7.4f')} "
-                     f"{fmt(s.get('loss_equal_tokens'), '9.4f')} {fmt(s.get('mfu_bf16_pct'), '10.2f')} "
-                     f"{fmt(s.get('mfu_fp32_pct'), '10.2f')} {fmt(s['wall_s'], '7.0f')}")
+             "", *system_rows(result["systems"], head, 8, lambda name, s: (
+                 f"{name:<8} {fmt(s['tokens_per_s'], '9.1f')} {fmt(s['tokens_per_step'], '8.0f')} "
+                 f"{fmt(s['peak_rss_mb'], '11.0f')} {fmt(s['loss'], '7.4f')} "
+                 f"{fmt(s.get('loss_equal_tokens'), '9.4f')} {fmt(s.get('mfu_bf16_pct'), '10.2f')} "
+                 f"{fmt(s.get('mfu_fp32_pct'), '10.2f')} {fmt(s['wall_s'], '7.0f')}"))]
     ratios = [f"medtune/{k} {fmt(result[f'speedup_vs_{k}'], '.2f')}x" for k in ("seed", "trl")
               if result.get(f"speedup_vs_{k}") is not None]
     if result.get("qlora_vs_lora") is not None:

@@ -192,10 +192,6 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]] | None:
     return steps, [by_step[s] for s in steps]
 
 
-
-
-
-
 def _one_line(error: Exception) -> str:
     message = str(error).strip().splitlines()
     return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
