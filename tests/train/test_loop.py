@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from medtune.recipe import load_recipe
+from medtune.run.card import number
 from medtune.train.loop import run_training
 
 # Losses of the first 5 steps of `tiny_recipe` (fp32, seed 42). If a change moves them, it changed what is
@@ -103,7 +104,12 @@ def test_run_dir_reloads_as_trained(trained, tiny_model_dir):
     for name in ("README.md", "metrics.jsonl", "data_report.json", "plots/loss.png", "plots/learning_rate.png",
                  "plots/grad_norm.png"):
         assert (run / name).is_file(), name
-    assert "not medical advice" in (run / "README.md").read_text().lower()
+    card = (run / "README.md").read_text()
+    assert "not medical advice" in card.lower()
+    # the card names no local folder: not the run's, not the base model's (both absolute temp paths here)
+    assert str(run.parent) not in card and str(tiny_model_dir) not in card and f"`{tiny_model_dir.name}`" in card
+    held_out = f"| perplexity | {number(trained.metrics['base_eval_ppl'])} | {number(trained.metrics['eval_ppl'])} |"
+    assert held_out in card and card.count(number(trained.metrics["eval_ppl"])) == 1
 
 
 @pytest.mark.parametrize("extra", [["train.packing=true"], ["train.group_by_length=true"],

@@ -93,7 +93,7 @@ def front_matter(meta: RunMeta, recipe: dict) -> dict:
     """Hugging Face Hub card metadata: licence (the base model's), language, datasets, tags, base model."""
     hub_id = hub_id_of(meta.base_model)
     data = recipe.get("data", {})
-    datasets = [_public_name(p) for p in (data.get("path"), data.get("eval_path")) if p]
+    datasets = [_public_name(p) for p in (data.get("path"), data.get("eval_path")) if p and not p.startswith("demo:")]
     return {"library_name": "peft", "license": license_of(hub_id or meta.base_model), "language": ["en"],
             **({"datasets": datasets} if datasets else {}),
             "tags": ["medtune", meta.adapter_kind.lower(), "medical"], **({"base_model": hub_id} if hub_id else {})}
