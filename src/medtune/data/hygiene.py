@@ -161,8 +161,14 @@ def near_duplicates(examples: list[Example], cfg: DataConfig) -> tuple[list[Exam
 def _recognizers() -> list:
     import tldextract
     from presidio_analyzer import Pattern, PatternRecognizer
-    from presidio_analyzer.predefined_recognizers import (DateRecognizer, EmailRecognizer, IpRecognizer,
-                                                          PhoneRecognizer, UrlRecognizer, UsSsnRecognizer)
+    from presidio_analyzer.predefined_recognizers import (
+        DateRecognizer,
+        EmailRecognizer,
+        IpRecognizer,
+        PhoneRecognizer,
+        UrlRecognizer,
+        UsSsnRecognizer,
+    )
 
     offline = tldextract.TLDExtract(suffix_list_urls=())
 
@@ -180,8 +186,13 @@ def _recognizers() -> list:
         "street", r"\b\d{1,5}(?: [A-Z][a-z]+){1,3} (?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|"
         r"Court|Ct|Way|Place|Pl|Terrace|Parkway|Pkwy)\b\.?(?:,? (?:Apt|Suite|Unit) \w+)?", 0.7)],
         global_regex_flags=re.MULTILINE)  # case matters: "12 Oak Street", not "2 doctors dr"
-    return [OfflineEmailRecognizer(), PhoneRecognizer(), UsSsnRecognizer(), IpRecognizer(), UrlRecognizer(),
-            DateRecognizer(), mrn, street]
+    # URLs with a scheme or www. only: presidio's schema-less patterns (any word.tld) take 90 % of the scan time and
+    # flag prose such as "stages.Si" where a space is missing after a full stop.
+    url = UrlRecognizer(patterns=[p for p in UrlRecognizer.PATTERNS if p.name in ("Standard Url", "Quoted URL")]
+                        + [Pattern("www", r"\bwww\.[\w-]+(?:\.[\w-]+)+(?:/[^\s\"'<>]*)?", 0.5)])
+    # Numbers are parsed as US ones (8x faster than presidio's 8 regions); international ones with +CC still match.
+    phone = PhoneRecognizer(supported_regions=("US",))
+    return [OfflineEmailRecognizer(), phone, UsSsnRecognizer(), IpRecognizer(), url, DateRecognizer(), mrn, street]
 
 
 def ner_model() -> str | None:
