@@ -56,12 +56,17 @@ class DataConfig(Section):
     near_duplicates: Literal["report", "drop"] = Field(
         "report", description="Rows nearly identical to an earlier row (MinHash Jaccard >= near_duplicate_threshold): "
         "report them, or drop them and keep the first.")
-    near_duplicate_threshold: float = Field(0.85, gt=0, le=1, description="Jaccard similarity of word 3-grams above "
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word 3-grams above "
                                             "which two rows count as near-duplicates. Lower = more rows flagged.")
     phi: Literal["off", "report", "redact"] = Field(
         "report", description="Scan rows for identifiers (emails, phones, SSNs, IPs, URLs, dates, record numbers, "
         "street addresses; names when a spaCy NER model is installed): off, report counts, or redact them "
         "to <EMAIL>, <PHONE>, ... before training.")
+
+    @field_validator("phi", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class TokenizerConfig(Section):

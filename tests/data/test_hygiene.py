@@ -12,7 +12,16 @@ import pytest
 
 from medtune.cli import main
 from medtune.data.formats import Example
-from medtune.data.hygiene import BenchmarkIndex, find_phi, near_duplicates, ner_model, scan_phi
+from medtune.data.hygiene import (
+    BenchmarkIndex,
+    _jaccard,
+    _shingles,
+    example_text,
+    find_phi,
+    near_duplicates,
+    ner_model,
+    scan_phi,
+)
 from medtune.data.prepare import prepare_data
 from medtune.errors import MedtuneError
 from medtune.recipe import load_recipe
@@ -60,7 +69,8 @@ def contaminated_file(tmp_path: Path) -> tuple[Path, int]:
     """100 rows carrying a benchmark item inside a real answer, then 500 clean rows; returns (file, 100)."""
     items = planted_items()
     assert len(items) == 100
-    hosts = medquad(600)
+    hosts = medquad(600, step=13)
+    assert len(hosts) == 600
     rows = [{"question": h["question"], "answer": f"{h['answer']}\n\nPractice question: {item}"}
             for h, item in zip(hosts, items, strict=False)] + hosts[100:]
     path = tmp_path / "planted.jsonl"
@@ -69,7 +79,7 @@ def contaminated_file(tmp_path: Path) -> tuple[Path, int]:
 
 
 def recipe_for(path, *overrides):
-    return load_recipe(None, [f"data.path={path}", "data.format=qa", "data.max_length=64", "data.eval_ratio=0",
+    return load_recipe(None, [f"data.path={path}", "data.format=qa", "data.max_length=512", "data.eval_ratio=0",
                               *overrides])
 
 
@@ -120,10 +130,9 @@ def test_near_copies_are_found_and_dropped():
     rng = random.Random(0)
     originals = medquad(200, start=7, step=41)
     copies = []
-    for row in originals[:30]:  # a near copy: two words replaced, one deleted
+    for row in originals[:30]:  # a near copy: one word replaced, one deleted (word 3-gram Jaccard 0.89-0.99)
         words = row["answer"].split()
-        for _ in range(2):
-            words[rng.randrange(len(words))] = "variant"
+        words[rng.randrange(len(words))] = "variant"
         del words[rng.randrange(len(words))]
         copies.append({"question": row["question"], "answer": " ".join(words)})
     rows = originals + copies
@@ -132,15 +141,23 @@ def test_near_copies_are_found_and_dropped():
                 for n, r in enumerate(rows, start=1)]
     cfg = load_recipe(None, ["data.near_duplicates=drop"]).data
     kept, report = near_duplicates(examples, cfg)
-    found = {int(p.split(" ~ ")[0].split(":")[1]) for p in report["examples"]}
     flagged = {ex.row for ex in examples} - {ex.row for ex in kept}
+    # truth for the real rows: MedQuAD itself repeats answers, so a real row is a duplicate when its exact
+    # word 3-gram Jaccard similarity to an earlier row reaches the threshold
+    grams = [_shingles(example_text(ex)) for ex in examples]
+    exact = [max((_jaccard(g, h) for h in grams[:i]), default=0.0) for i, g in enumerate(grams)]
+    real_dups = {i + 1 for i in range(200) if exact[i] >= cfg.near_duplicate_threshold}
     detection = len(flagged & set(range(201, 231))) / 30
-    false_positive = len(flagged - set(range(201, 231))) / 200
+    distinct = 200 - len(real_dups)
+    false_positive = len(flagged & set(range(1, 201)) - real_dups) / distinct
+    missed_real = len(real_dups - flagged)
     print(f"\nnear-duplicates: detection {detection:.1%} of 30 near copies, false positives {false_positive:.1%} "
-          f"of 200 distinct rows")
+          f"of {distinct} distinct MedQuAD rows; {len(real_dups)} real MedQuAD near-duplicates, {missed_real} missed")
     assert detection >= 0.95 and false_positive <= 0.01
-    assert report["duplicate_rows"] == len(flagged) and found <= flagged
-    assert report["examples"][0] == "near.jsonl:201 ~ near.jsonl:1"  # a copy names the row it copies
+    assert report["duplicate_rows"] == len(flagged)
+    for pair in report["examples"]:  # each names a later row and the earlier row it nearly copies
+        later, earlier = (int(side.split(":")[1]) for side in pair.split(" ~ "))
+        assert earlier < later and _jaccard(grams[later - 1], grams[earlier - 1]) >= cfg.near_duplicate_threshold
 
 
 # ---------------------------------------------------------------- PHI

@@ -48,6 +48,10 @@ def _ngrams(words: list[str], n: int) -> set[str]:
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
 def example_text(ex: Example) -> str:
     return ex.text if ex.text is not None else "\n".join(m["content"] for m in ex.messages)
 
@@ -123,32 +127,29 @@ def decontaminate(examples: list[Example], cfg: DataConfig) -> tuple[list[Exampl
 
 # ---------------------------------------------------------------- near-duplicates
 
-def _minhash(text: str):
-    from datasketch import MinHash
-
+def _shingles(text: str) -> set[str]:
     words = normalise(text)
-    shingles = _ngrams(words, SHINGLE) if len(words) >= SHINGLE else {" ".join(words)}
-    m = MinHash(num_perm=NUM_PERM, seed=1)
-    m.update_batch([s.encode("utf-8") for s in shingles])
-    return m
+    return _ngrams(words, SHINGLE) if len(words) >= SHINGLE else {" ".join(words)}
 
 
 def near_duplicates(examples: list[Example], cfg: DataConfig) -> tuple[list[Example], dict]:
-    from datasketch import MinHashLSH
+    from datasketch import MinHash, MinHashLSH
 
-    lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=NUM_PERM)
-    firsts: dict[int, tuple[Example, object]] = {}
+    # bands tuned to miss few true pairs (weights: false positives 0.1, false negatives 0.9); each candidate is
+    # then confirmed by its exact Jaccard similarity, so the MinHash estimate's noise flags no row
+    lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=NUM_PERM, weights=(0.1, 0.9))
     kept, pairs = [], []
     for i, ex in enumerate(examples):
-        m = _minhash(example_text(ex))
-        twins = sorted(j for j in lsh.query(m) if firsts[j][1].jaccard(m) >= cfg.near_duplicate_threshold)
+        shingles = _shingles(example_text(ex))
+        m = MinHash(num_perm=NUM_PERM, seed=1)
+        m.update_batch([s.encode("utf-8") for s in shingles])
+        twins = sorted(j for j in lsh.query(m) if _jaccard(shingles, _shingles(example_text(examples[j])))
+                       >= cfg.near_duplicate_threshold)
+        lsh.insert(i, m)
         if twins:
-            pairs.append(f"{_where(ex)} ~ {_where(firsts[twins[0]][0])}")
+            pairs.append(f"{_where(ex)} ~ {_where(examples[twins[0]])}")  # the earliest row it nearly copies
             if cfg.near_duplicates == "drop":
                 continue
-        else:
-            lsh.insert(i, m)
-            firsts[i] = (ex, m)
         kept.append(ex)
     report = {"threshold": cfg.near_duplicate_threshold, "duplicate_rows": len(pairs), "action": cfg.near_duplicates,
               "examples": pairs[:SHOWN]}
@@ -192,7 +193,11 @@ def _recognizers() -> list:
                         + [Pattern("www", r"\bwww\.[\w-]+(?:\.[\w-]+)+(?:/[^\s\"'<>]*)?", 0.5)])
     # Numbers are parsed as US ones (8x faster than presidio's 8 regions); international ones with +CC still match.
     phone = PhoneRecognizer(supported_regions=("US",))
-    return [OfflineEmailRecognizer(), phone, UsSsnRecognizer(), IpRecognizer(), url, DateRecognizer(), mrn, street]
+    # phonenumbers accepts only numbers that could be dialled; a made-up or mistyped one in a note is PHI too
+    nanp = PatternRecognizer(supported_entity="PHONE_NUMBER", name="medtune_nanp_phone", patterns=[Pattern(
+        "nanp", r"(?<![\w-])(?:\+1[\s.-]?)?(?:\(\d{3}\) ?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w-])", 0.4)])
+    return [OfflineEmailRecognizer(), phone, nanp, UsSsnRecognizer(), IpRecognizer(), url, DateRecognizer(), mrn,
+            street]
 
 
 def ner_model() -> str | None:
