@@ -177,7 +177,7 @@ SENTENCES = [
 ]
 
 
-def planted_phi(n_rows: int = 40, seed: int = 1) -> tuple[list[str], dict[str, list[str]]]:
+def planted_phi(n_rows: int = 120, seed: int = 1) -> tuple[list[str], dict[str, list[str]]]:
     rng = random.Random(seed)
     planted: dict[str, list[str]] = {}
     rows = []
