@@ -260,12 +260,23 @@ def scan_phi(examples: list[Example], mode: str) -> tuple[list[Example], dict]:
     return out, report
 
 
-def clean(examples: list[Example], cfg: DataConfig) -> tuple[list[Example], dict]:
-    """All three checks in order (decontaminate, near-duplicates, PHI); returns kept examples and the report."""
+def clean(examples: list[Example], cfg: DataConfig) -> tuple[list[Example], dict, list[tuple[int, str]]]:
+    """All three checks in order (decontaminate, near-duplicates, PHI); returns the kept examples, the report,
+    and (row, reason) for each row dropped."""
     report = {}
+    removed = []
     if cfg.decontaminate:
-        examples, report["decontamination"] = decontaminate(examples, cfg)
-    examples, report["near_duplicates"] = near_duplicates(examples, cfg)
+        kept, report["decontamination"] = decontaminate(examples, cfg)
+        removed += _gone(examples, kept, "benchmark overlap")
+        examples = kept
+    kept, report["near_duplicates"] = near_duplicates(examples, cfg)
+    removed += _gone(examples, kept, "near-duplicate")
+    examples = kept
     if cfg.phi != "off":
         examples, report["phi"] = scan_phi(examples, cfg.phi)
-    return examples, report
+    return examples, report, removed
+
+
+def _gone(before: list[Example], after: list[Example], reason: str) -> list[tuple[int, str]]:
+    kept = {id(ex) for ex in after}
+    return [(ex.row, reason) for ex in before if id(ex) not in kept]

@@ -114,7 +114,7 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup,
     """hygiene: a dict to fill with the findings of data/hygiene.py, whose checks then run on these rows."""
     cfg = recipe.data
     report = PartReport(rows=len(rows))
-    dropped: Counter[str] = Counter()
+    drops: list[tuple[int, str]] = []  # (row, reason), counted in row order
     examples = []
     for row in rows:
         try:
@@ -122,16 +122,11 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup,
         except RowError as e:
             if cfg.on_bad_row == "error":
                 raise
-            dropped[e.kind] += 1
+            drops.append((row.number, e.kind))
     if hygiene is not None:
-        before = len(examples)
-        examples, found = clean(examples, cfg)
+        examples, found, removed = clean(examples, cfg)
         hygiene.update(found)
-        if before > len(examples):
-            contaminated = found.get("decontamination", {}).get("contaminated_rows", 0) if cfg.on_contaminated == "drop" else 0
-            dropped["benchmark overlap"] += contaminated
-            dropped["near-duplicate"] += before - len(examples) - contaminated
-            dropped = +dropped  # no zero counts
+        drops += removed
     elif cfg.phi == "redact":  # eval rows: no identifiers either, the rest is only reported for training rows
         examples = scan_phi(examples, "redact")[0]
     samples = []
@@ -139,12 +134,12 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup,
         try:
             sample, truncated = render(ex, tok, cfg, chat.stop_tokens)
         except Dropped as d:
-            dropped[d.reason] += 1
+            drops.append((ex.row, d.reason))
             continue
         report.truncated += truncated
         samples.append(sample)
     report.kept = len(samples)
-    report.dropped = dict(dropped)
+    report.dropped = dict(Counter(reason for _, reason in sorted(drops, key=lambda d: d[0])))
     report.tokens = sum(len(s.input_ids) for s in samples)
     report.loss_tokens = sum(s.num_loss_tokens for s in samples)
     report.length_percentiles = _percentiles([len(s.input_ids) for s in samples])
