@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections import Counter
@@ -171,6 +172,7 @@ def _recognizers() -> list:
         UsSsnRecognizer,
     )
 
+    logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)  # not a line per recognizer loaded
     offline = tldextract.TLDExtract(suffix_list_urls=())
 
     class OfflineEmailRecognizer(EmailRecognizer):
