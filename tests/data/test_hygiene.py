@@ -16,6 +16,7 @@ from medtune.data.hygiene import (
     BenchmarkIndex,
     _jaccard,
     _shingles,
+    decontaminate,
     example_text,
     find_phi,
     near_duplicates,
@@ -247,3 +248,22 @@ def test_clean_medical_text_has_no_phi_and_redact_reaches_training(tmp_path, tin
     assert data.report.hygiene["phi"]["rows_with_phi"] == len(rows)  # the clean row has none
     assert data.report.hygiene["phi"]["names"].startswith("not scanned" if ner_model() is None else "scanned with")
     assert any(line.startswith("  PHI (redact)") for line in data.report.lines())
+
+
+@needs_shared
+def test_allow_keeps_contaminated_rows_and_reports_them():
+    question = json.loads((EVAL / "medqa_4opt_sample.jsonl").open(encoding="utf-8").readline())["question"]
+    examples = [Example("mix.jsonl", 1, messages=[{"role": "user", "content": "Quiz me."},
+                                                 {"role": "assistant", "content": question.upper()}]),
+                Example("mix.jsonl", 2, text="Asthma is a chronic disease of the airways.")]
+    cfg = load_recipe(None, ["data.on_contaminated=allow", f"data.decontaminate={json.dumps(benchmarks()[:1])}"]).data
+    kept, report = decontaminate(examples, cfg)
+    assert kept == examples
+    assert report["contaminated_rows"] == 1 and report["examples"][0].startswith("mix.jsonl:1 overlaps medqa ")
+
+
+def test_decontaminate_spec_must_be_task_equals_path():
+    cfg = load_recipe(None, ["data.decontaminate=[medqa]"]).data
+    with pytest.raises(MedtuneError, match="expected task=PATH") as e:
+        decontaminate([], cfg)
+    assert e.value.field == "data.decontaminate"
