@@ -165,7 +165,9 @@ def test_near_copies_are_found_and_dropped():
 
 FIRST = ["john", "maria", "wei", "fatima", "olu", "anna", "raj", "lena"]
 STREETS = ["Oak", "Maple", "Cedar Hill", "Washington", "Elm", "Lake Shore"]
-SUFFIX = ["Street", "Avenue", "Road", "Boulevard", "Lane", "Drive"]
+SUFFIX = ["Street", "Avenue", "Road", "Boulevard", "Lane", "Drive", "St", "Ave"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
 SENTENCES = [
     "The patient presented with chest pain and shortness of breath; contact {EMAIL_ADDRESS} for follow-up.",
     "Troponin was elevated. Call the daughter at {PHONE_NUMBER} before discharge.",
@@ -190,11 +192,13 @@ def planted_phi(n_rows: int = 120, seed: int = 1) -> tuple[list[str], dict[str, 
                 a=rng.randint(201, 989), b=rng.randint(200, 999), c=f"{rng.randint(0, 9999):04d}"),
             "US_SSN": f"{rng.randint(100, 665)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}",
             "MRN": f"{rng.randint(10**6, 10**8 - 1):08d}",
-            "DATE_TIME": rng.choice(["{m:02d}/{d:02d}/{y}", "{y}-{m:02d}-{d:02d}"]).format(
-                m=rng.randint(1, 12), d=rng.randint(1, 28), y=rng.randint(1990, 2025)),
+            "DATE_TIME": rng.choice(["{m:02d}/{d:02d}/{y}", "{y}-{m:02d}-{d:02d}", "{month} {d}, {y}", "{d} {mon} {y}"]
+                                    ).format(m=rng.randint(1, 12), d=rng.randint(1, 28), y=rng.randint(1990, 2025),
+                                             month=rng.choice(MONTHS), mon=rng.choice(MONTHS)[:3]),
             "URL": f"https://portal.{rng.choice(['example.com', 'stmarys.org'])}/patients/{rng.randint(1000, 99999)}",
             "IP_ADDRESS": f"10.{rng.randint(0, 255)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}",
-            "STREET_ADDRESS": f"{rng.randint(1, 9999)} {rng.choice(STREETS)} {rng.choice(SUFFIX)}",
+            "STREET_ADDRESS": f"{rng.randint(1, 9999)} {rng.choice(['', 'N ', 'W. '])}{rng.choice(STREETS)} "
+                              f"{rng.choice(SUFFIX)}",
         }
         picked = rng.sample(SENTENCES, 3)
         rows.append(" ".join(s.format(**value) for s in picked))

@@ -186,20 +186,25 @@ def _recognizers() -> list:
         "mrn", r"\b(?:MRN|medical record(?: number| no\.?| #)?|record (?:number|no\.?|#)|patient id|chart (?:number|no\.?|#))"
         r"\s*(?:is|:|#)?\s*#?\s*[A-Z]{0,3}-?\d{5,10}\b", 0.8)])
     street = PatternRecognizer(supported_entity="STREET_ADDRESS", name="medtune_street", patterns=[Pattern(
-        "street", r"\b\d{1,5}(?: [A-Z][a-z]+){1,3} (?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|"
+        "street", r"\b\d{1,5}(?: [NSEW]\.?)?(?: [A-Z][a-z]+){1,3} (?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|"
         r"Court|Ct|Way|Place|Pl|Terrace|Parkway|Pkwy)\b\.?(?:,? (?:Apt|Suite|Unit) \w+)?", 0.7)],
         global_regex_flags=re.MULTILINE)  # case matters: "12 Oak Street", not "2 doctors dr"
     # URLs with a scheme or www. only: presidio's schema-less patterns (any word.tld) take 90 % of the scan time and
     # flag prose such as "stages.Si" where a space is missing after a full stop.
     url = UrlRecognizer(patterns=[p for p in UrlRecognizer.PATTERNS if p.name in ("Standard Url", "Quoted URL")]
                         + [Pattern("www", r"\bwww\.[\w-]+(?:\.[\w-]+)+(?:/[^\s\"'<>]*)?", 0.5)])
+    month = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
+    written = PatternRecognizer(supported_entity="DATE_TIME", name="medtune_written_date", patterns=[
+        Pattern("month day year", rf"\b{month} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}\b", 0.6),
+        Pattern("day month year", rf"\b\d{{1,2}} {month},? \d{{4}}\b", 0.6)],
+        global_regex_flags=re.MULTILINE)  # presidio's DateRecognizer reads only numeric dates; "March 14, 2021"
     # Numbers are parsed as US ones (8x faster than presidio's 8 regions); international ones with +CC still match.
     phone = PhoneRecognizer(supported_regions=("US",))
     # phonenumbers accepts only numbers that could be dialled; a made-up or mistyped one in a note is PHI too
     nanp = PatternRecognizer(supported_entity="PHONE_NUMBER", name="medtune_nanp_phone", patterns=[Pattern(
         "nanp", r"(?<![\w-])(?:\+1[\s.-]?)?(?:\(\d{3}\) ?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w-])", 0.4)])
-    return [OfflineEmailRecognizer(), phone, nanp, UsSsnRecognizer(), IpRecognizer(), url, DateRecognizer(), mrn,
-            street]
+    return [OfflineEmailRecognizer(), phone, nanp, UsSsnRecognizer(), IpRecognizer(), url, DateRecognizer(), written,
+            mrn, street]
 
 
 def ner_model() -> str | None:
