@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,13 @@ def test_decontaminate_spec_must_be_task_equals_path():
     with pytest.raises(MedtuneError, match="expected task=PATH") as e:
         decontaminate([], cfg)
     assert e.value.field == "data.decontaminate"
+
+
+@needs_shared
+def test_phi_findings_on_clean_medquad_rows_are_rare():
+    rows = medquad(500, step=13)
+    found = [{k for _, _, k in find_phi(r["question"] + "\n" + r["answer"])} for r in rows]
+    flagged = Counter(k for kinds in found for k in kinds)  # rows per entity
+    n_flagged = sum(bool(kinds) for kinds in found)
+    print(f"\nPHI scan on 500 clean MedQuAD rows: {n_flagged} rows flagged ({n_flagged / 500:.1%}), by entity {dict(flagged)}")
+    assert n_flagged / 500 <= 0.03  # public URLs, helpline numbers and fractions read as dates
