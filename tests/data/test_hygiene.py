@@ -282,3 +282,11 @@ def test_phi_findings_on_clean_medquad_rows_are_rare():
     n_flagged = sum(bool(kinds) for kinds in found)
     print(f"\nPHI scan on 500 clean MedQuAD rows: {n_flagged} rows flagged ({n_flagged / 500:.1%}), by entity {dict(flagged)}")
     assert n_flagged / 500 <= 0.03  # public URLs, helpline numbers and fractions read as dates
+
+
+def test_training_saves_the_findings_in_the_run(tiny_run_dir):
+    report = json.loads((tiny_run_dir / "data_report.json").read_text(encoding="utf-8"))["hygiene"]
+    assert report["near_duplicates"]["action"] == "report" and report["phi"]["mode"] == "report"
+    card = (tiny_run_dir / "README.md").read_text(encoding="utf-8")
+    assert f"near-duplicates (Jaccard >= 0.8): {report['near_duplicates']['duplicate_rows']} rows (kept)" in card
+    assert f"PHI (report): {report['phi']['rows_with_phi']} rows with identifiers" in card
