@@ -47,6 +47,26 @@ class DataConfig(Section):
         "error", description="A row that is empty or malformed: stop with an error naming it, or drop it (counted in the report).")
     train_on_prompt: bool = Field(False, description="Also compute loss on prompt/system tokens (default: answers only).")
     add_eos: bool = Field(True, description="format=text: append the end-of-sequence token when a text lacks it, so the model learns to stop.")
+    decontaminate: list[str] = Field(default_factory=list, description="Benchmarks training rows must not overlap, "
+                                     "as task=PATH (tasks: medqa, pubmedqa, mmlu_medical (a folder), medmcqa); a row "
+                                     "sharing a 13-word sequence with an item is contaminated.")
+    on_contaminated: Literal["error", "drop", "allow"] = Field(
+        "error", description="Rows overlapping a data.decontaminate benchmark: stop with an error naming them, drop "
+        "them (counted in the report), or keep them (reported).")
+    near_duplicates: Literal["report", "drop"] = Field(
+        "report", description="Rows nearly identical to an earlier row (MinHash Jaccard >= near_duplicate_threshold): "
+        "report them, or drop them and keep the first.")
+    near_duplicate_threshold: float = Field(0.8, gt=0, le=1, description="Jaccard similarity of word 3-grams above "
+                                            "which two rows count as near-duplicates. Lower = more rows flagged.")
+    phi: Literal["off", "report", "redact"] = Field(
+        "report", description="Scan rows for identifiers (emails, phones, SSNs, IPs, URLs, dates, record numbers, "
+        "street addresses; names when a spaCy NER model is installed): off, report counts, or redact them "
+        "to <EMAIL>, <PHONE>, ... before training.")
+
+    @field_validator("phi", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class TokenizerConfig(Section):

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from medtune.data.formats import RowError, to_example
+from medtune.data.hygiene import clean, scan_phi
 from medtune.data.readers import Row, read_rows
 from medtune.data.render import IGNORE, Dropped, Sample, render
 from medtune.errors import MedtuneError
@@ -38,6 +39,7 @@ class DataReport:
     eval: PartReport
     eval_source: str
     example: str = ""  # the first training example, answer tokens between « and »
+    hygiene: dict = field(default_factory=dict)  # decontamination, near-duplicates, PHI (data/hygiene.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,10 +57,31 @@ class DataReport:
             out.append(f"  {name}: {part.tokens} tokens, {part.loss_tokens} carry loss; length {pct}")
         if self.eval.rows:
             out.append(f"  eval rows from: {self.eval_source}")
+        out += hygiene_lines(self.hygiene)
         if self.example:
             out.append("first training example (« » marks the tokens that carry loss):")
             out.append(self.example)
         return out
+
+
+def hygiene_lines(h: dict) -> list[str]:
+    out = []
+    if "decontamination" in h:
+        d = h["decontamination"]
+        against = ", ".join(f"{k} ({n} items)" for k, n in d["checked_against"].items())
+        out.append(f"  benchmark overlap ({d['ngram']}-gram): {d['contaminated_rows']} rows "
+                   f"({'dropped' if d['action'] == 'drop' else 'kept'}) against {against}")
+        out += [f"    {e}" for e in d["examples"]]
+    if "near_duplicates" in h:
+        d = h["near_duplicates"]
+        out.append(f"  near-duplicates (Jaccard >= {d['threshold']}): {d['duplicate_rows']} rows "
+                   f"({'dropped' if d['action'] == 'drop' else 'kept'})" + (": " + ", ".join(d["examples"]) if d["examples"] else ""))
+    if "phi" in h:
+        d = h["phi"]
+        counts = ", ".join(f"{n} {e}" for e, n in d["counts"].items()) or "none found"
+        out.append(f"  PHI ({d['mode']}): {d['rows_with_phi']} rows with identifiers: {counts}; names {d['names']}")
+        out += [f"    {e}" for e in d["examples"]]
+    return out
 
 
 def _percentiles(lengths: list[int]) -> dict[str, int]:
@@ -86,26 +109,37 @@ def marked_text(tok, sample: Sample) -> str:
     return "".join(pieces)
 
 
-def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup) -> tuple[list[Sample], PartReport]:
+def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup,
+                 hygiene: dict | None = None) -> tuple[list[Sample], PartReport]:
+    """hygiene: a dict to fill with the findings of data/hygiene.py, whose checks then run on these rows."""
     cfg = recipe.data
     report = PartReport(rows=len(rows))
-    dropped: Counter[str] = Counter()
-    samples = []
+    drops: list[tuple[int, str]] = []  # (row, reason), counted in row order
+    examples = []
     for row in rows:
         try:
-            sample, truncated = render(to_example(row, cfg, recipe.tokenizer.system_prompt), tok, cfg, chat.stop_tokens)
-        except Dropped as d:
-            dropped[d.reason] += 1
-            continue
+            examples.append(to_example(row, cfg, recipe.tokenizer.system_prompt))
         except RowError as e:
             if cfg.on_bad_row == "error":
                 raise
-            dropped[e.kind] += 1
+            drops.append((row.number, e.kind))
+    if hygiene is not None:
+        examples, found, removed = clean(examples, cfg)
+        hygiene.update(found)
+        drops += removed
+    elif cfg.phi == "redact":  # eval rows: no identifiers either, the rest is only reported for training rows
+        examples = scan_phi(examples, "redact")[0]
+    samples = []
+    for ex in examples:
+        try:
+            sample, truncated = render(ex, tok, cfg, chat.stop_tokens)
+        except Dropped as d:
+            drops.append((ex.row, d.reason))
             continue
         report.truncated += truncated
         samples.append(sample)
     report.kept = len(samples)
-    report.dropped = dict(dropped)
+    report.dropped = dict(Counter(reason for _, reason in sorted(drops, key=lambda d: d[0])))
     report.tokens = sum(len(s.input_ids) for s in samples)
     report.loss_tokens = sum(s.num_loss_tokens for s in samples)
     report.length_percentiles = _percentiles([len(s.input_ids) for s in samples])
@@ -141,11 +175,12 @@ def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     else:
         train_rows, eval_rows = split_rows(rows, cfg.eval_ratio, recipe.train.seed)
         eval_source = f"{cfg.path} (held out: {cfg.eval_ratio:.0%}, seed {recipe.train.seed})"
-    train, train_report = _render_rows(train_rows, recipe, tok, chat)
+    hygiene: dict = {}
+    train, train_report = _render_rows(train_rows, recipe, tok, chat, hygiene)
     evals, eval_report = _render_rows(eval_rows, recipe, tok, chat)
     if not train:
         raise MedtuneError(f"every row was dropped ({train_report.dropped}); nothing to train on", file=cfg.path,
                            field="data.path")
     report = DataReport(cfg.path, cfg.format, cfg.max_length, train_report, eval_report, eval_source,
-                        example=marked_text(tok, train[0]))
+                        example=marked_text(tok, train[0]), hygiene=hygiene)
     return PreparedData(train, evals, report)
