@@ -10,9 +10,9 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from medtune.data.formats import RowError, to_example
+from medtune.data.formats import RowError, to_example, to_pair
 from medtune.data.readers import Row, read_rows
-from medtune.data.render import IGNORE, Dropped, Sample, render
+from medtune.data.render import IGNORE, Dropped, Pair, Sample, render
 from medtune.errors import MedtuneError
 from medtune.recipe import Recipe
 from medtune.tokenizer import ChatSetup
@@ -86,14 +86,27 @@ def marked_text(tok, sample: Sample) -> str:
     return "".join(pieces)
 
 
-def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup) -> tuple[list[Sample], PartReport]:
+def _halves(samples: list[Sample] | list[Pair]) -> list[Sample]:
+    return [h for s in samples for h in ((s.chosen, s.rejected) if isinstance(s, Pair) else (s,))]
+
+
+def _render_row(row: Row, recipe: Recipe, tok, chat: ChatSetup) -> tuple[Sample | Pair, bool]:
+    cfg, system = recipe.data, recipe.tokenizer.system_prompt
+    if cfg.format != "preference":
+        return render(to_example(row, cfg, system), tok, cfg, chat.stop_tokens)
+    (chosen, cut_c), (rejected, cut_r) = (render(ex, tok, cfg, chat.stop_tokens, last_answer_only=True)
+                                          for ex in to_pair(row, cfg, system))
+    return Pair(chosen, rejected), cut_c or cut_r
+
+
+def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup) -> tuple[list[Sample] | list[Pair], PartReport]:
     cfg = recipe.data
     report = PartReport(rows=len(rows))
     dropped: Counter[str] = Counter()
     samples = []
     for row in rows:
         try:
-            sample, truncated = render(to_example(row, cfg, recipe.tokenizer.system_prompt), tok, cfg, chat.stop_tokens)
+            sample, truncated = _render_row(row, recipe, tok, chat)
         except Dropped as d:
             dropped[d.reason] += 1
             continue
@@ -106,16 +119,17 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup) -> tuple
         samples.append(sample)
     report.kept = len(samples)
     report.dropped = dict(dropped)
-    report.tokens = sum(len(s.input_ids) for s in samples)
-    report.loss_tokens = sum(s.num_loss_tokens for s in samples)
-    report.length_percentiles = _percentiles([len(s.input_ids) for s in samples])
+    halves = _halves(samples)  # a preference pair counts as its two conversations
+    report.tokens = sum(len(s.input_ids) for s in halves)
+    report.loss_tokens = sum(s.num_loss_tokens for s in halves)
+    report.length_percentiles = _percentiles([len(s.input_ids) for s in halves])
     return samples, report
 
 
 @dataclass
 class PreparedData:
-    train: list[Sample]
-    eval: list[Sample]
+    train: list[Sample] | list[Pair]  # Pairs for data.format=preference
+    eval: list[Sample] | list[Pair]
     report: DataReport
 
 
@@ -129,8 +143,23 @@ def split_rows(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], lis
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+def check_objective(recipe: Recipe) -> None:
+    """dpo/orpo train on preference pairs, sft on single answers: the two settings must agree."""
+    preference, objective = recipe.data.format == "preference", recipe.train.objective
+    if preference != (objective != "sft"):
+        raise MedtuneError(f"train.objective={objective} needs " + ("data.format=preference" if not preference else
+                           "dpo or orpo") + f" (data.format={recipe.data.format})", field="train.objective")
+    if preference and recipe.data.train_on_prompt:
+        raise MedtuneError("preference objectives learn only the answers; set data.train_on_prompt=false",
+                           field="data.train_on_prompt")
+    if preference and "perplexity" in recipe.eval.after_train:
+        raise MedtuneError("eval.after_train perplexity reads single answers, not preference pairs; drop it or "
+                           "run `medtune eval` with --data", field="eval.after_train")
+
+
 def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     cfg = recipe.data
+    check_objective(recipe)
     rows = read_rows(cfg.path, cfg.split)
     if cfg.limit:
         rows = rows[: cfg.limit]
@@ -147,5 +176,5 @@ def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
         raise MedtuneError(f"every row was dropped ({train_report.dropped}); nothing to train on", file=cfg.path,
                            field="data.path")
     report = DataReport(cfg.path, cfg.format, cfg.max_length, train_report, eval_report, eval_source,
-                        example=marked_text(tok, train[0]))
+                        example="\n".join(marked_text(tok, s) for s in _halves(train[:1])))
     return PreparedData(train, evals, report)
