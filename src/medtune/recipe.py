@@ -25,7 +25,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     path: str = Field("demo:terms", description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, "
-                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa).")
+                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa, preferences).")
     format: Literal["text", "messages", "instruction", "qa", "template", "preference"] = Field(
         "template", description="How rows become conversations: text (pre-formatted strings), messages (chat turns), "
         "instruction (instruction/input/output), qa (question/answer), template (prompt and response built from columns), "
