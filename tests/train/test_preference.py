@@ -174,3 +174,15 @@ def test_objective_and_format_must_agree(tiny_model_dir, tiny_tokenizer):
     recipe = load_recipe(None, [f"model={tiny_model_dir}", "data.path=demo:qa", "data.format=qa", "train.objective=dpo"])
     with pytest.raises(MedtuneError, match="data.format=preference"):
         prepare_data(recipe, tiny_tokenizer, prepare_tokenizer(tiny_tokenizer, recipe.tokenizer))
+
+
+def test_bad_preference_row_names_row_and_field(tiny_model_dir, tiny_tokenizer, tmp_path):
+    from medtune.errors import MedtuneError
+
+    path = tmp_path / "bad.jsonl"
+    rows = [{"question": "q", "good": "a", "rejected": "b"}, {"question": "q", "good": "a"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    recipe = _recipe(tiny_model_dir, path, "data.columns={prompt: question, chosen: good}")
+    with pytest.raises(MedtuneError) as err:
+        prepare_data(recipe, tiny_tokenizer, prepare_tokenizer(tiny_tokenizer, recipe.tokenizer))
+    assert "row 2" in str(err.value) and "'rejected'" in str(err.value) and "missing column" in str(err.value)

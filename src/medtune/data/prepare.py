@@ -147,8 +147,10 @@ def check_objective(recipe: Recipe) -> None:
     """dpo/orpo train on preference pairs, sft on single answers: the two settings must agree."""
     preference, objective = recipe.data.format == "preference", recipe.train.objective
     if preference != (objective != "sft"):
-        raise MedtuneError(f"train.objective={objective} needs " + ("data.format=preference" if not preference else
-                           "dpo or orpo") + f" (data.format={recipe.data.format})", field="train.objective")
+        need = "data.format=preference needs train.objective dpo or orpo" if preference else \
+            f"train.objective={objective} needs data.format=preference"
+        raise MedtuneError(f"{need} (data.format={recipe.data.format}, train.objective={objective})",
+                           field="train.objective")
     if preference and recipe.data.train_on_prompt:
         raise MedtuneError("preference objectives learn only the answers; set data.train_on_prompt=false",
                            field="data.train_on_prompt")
