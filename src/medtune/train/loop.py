@@ -302,14 +302,14 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
                 micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
                 # sft divides the window's summed token loss by its loss tokens; dpo / orpo average the batch means
                 (n_loss,) = dist.sum([len(micro) if pairs else sum(b.num_loss_tokens for b in micro)])
-                step_loss = 0.0
+                step_loss, step_stats = 0.0, {}
                 for b in micro:
                     with dist.accumulate(wrapped):
                         loss, stats = wrapped(b)
                         dist.backward(loss, n_loss, cfg.grad_accum)
                     step_loss += loss.item()
                     for k, v in stats.items():
-                        window_stats[k] = window_stats.get(k, 0.0) + v
+                        step_stats[k] = step_stats.get(k, 0.0) + v
                 grad_norm = dist.clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
                 step_loss, real, stop = dist.sum([step_loss, sum(b.num_tokens for b in micro),
                                                   float(signals.signum is not None)])
@@ -333,6 +333,7 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
                 state.step += 1
                 window_loss, window_tokens, window_real, run_real = window_loss + step_loss, window_tokens + n_loss, \
                     window_real + real, run_real + real
+                window_stats = {k: window_stats.get(k, 0.0) + v for k, v in step_stats.items()}
                 bar.update(1)
                 if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                     elapsed = time.perf_counter() - window_start
