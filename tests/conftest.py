@@ -39,6 +39,9 @@ if not os.environ.get("MEDTUNE_HOME"):
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "src" / "medtune" / "demo_data"
+# The demo files the tiny tokenizer learns from: a fixed set, so that shipping new demo data does not change its
+# vocabulary (and with it every golden loss computed on the tiny model).
+TOKENIZER_CORPUS = ("doctor_chats.jsonl", "qa.jsonl", "terms.jsonl", "remedies.csv")
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 
 _CONDITIONS = ["fever", "cough", "hypertension", "diabetes", "asthma", "migraine", "anemia", "influenza",
@@ -71,14 +74,14 @@ def _strings(obj) -> Iterator[str]:
 
 
 def demo_corpus() -> list[str]:
-    """Every string in demo_data/*.jsonl and *.csv, or [] when they are missing or unreadable."""
+    """Every string in the demo files of TOKENIZER_CORPUS, or [] when they are missing or unreadable."""
     texts: list[str] = []
     try:
-        for path in sorted(DEMO_DATA.glob("*.jsonl")):
+        for path in sorted(p for p in DEMO_DATA.glob("*.jsonl") if p.name in TOKENIZER_CORPUS):
             for line in path.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     texts.extend(_strings(json.loads(line)))
-        for path in sorted(DEMO_DATA.glob("*.csv")):
+        for path in sorted(p for p in DEMO_DATA.glob("*.csv") if p.name in TOKENIZER_CORPUS):
             with path.open(encoding="utf-8-sig", newline="") as f:
                 texts.extend(cell for row in csv.reader(f) for cell in row if cell.strip())
     except (OSError, ValueError):  # another engineer may be writing these files right now

@@ -97,7 +97,7 @@ def test_wrong_value_type_in_the_file(write_file):
 def test_unknown_data_format():
     err = error(None, ["data.format=foo"])
     assert "field 'data.format'" in str(err) and "(got 'foo')" in str(err)
-    assert "'text', 'messages', 'instruction', 'qa' or 'template'" in str(err)
+    assert "'text', 'messages', 'instruction', 'qa', 'template' or 'preference'" in str(err)
 
 
 def test_override_that_is_not_key_value():

@@ -25,10 +25,11 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     path: str = Field("demo:terms", description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, "
-                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa).")
-    format: Literal["text", "messages", "instruction", "qa", "template"] = Field(
+                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa, preferences).")
+    format: Literal["text", "messages", "instruction", "qa", "template", "preference"] = Field(
         "template", description="How rows become conversations: text (pre-formatted strings), messages (chat turns), "
-        "instruction (instruction/input/output), qa (question/answer), template (prompt and response built from columns).")
+        "instruction (instruction/input/output), qa (question/answer), template (prompt and response built from columns), "
+        "preference (prompt/chosen/rejected, as strings or chat-turn lists; for train.objective dpo or orpo).")
     columns: dict[str, str] = Field(default_factory=dict, description="Map medtune's field names to your column names, "
                                     "e.g. {question: Question, answer: Answer}.")
     prompt_template: str | None = Field(None, description="format=template: Jinja text of the user prompt; columns are "
@@ -133,6 +134,15 @@ class TrainConfig(Section):
         "stop", description="A step whose loss or gradient is NaN/Inf: stop (checkpoint the weights before it and say "
         "which step), or skip_batch (drop that batch, no update; stops after 10 bad batches in a row).")
     seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    objective: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft: learn the answers (cross-entropy). dpo: raise the likelihood of each chosen answer over "
+        "its rejected one relative to the base model (the same model with the adapter off; no second copy). orpo: "
+        "cross-entropy on the chosen answer plus an odds-ratio penalty on the rejected one (no reference). dpo and orpo "
+        "need data.format=preference and train without packing (chosen and rejected of a pair share a batch).")
+    beta: float = Field(0.1, gt=0, description="dpo: the beta of DPO, how far the tuned model may drift from the base; "
+                        "higher = stays closer to it, lower = follows the preferences more aggressively. orpo: lambda, "
+                        "the weight of the odds-ratio term against the cross-entropy; higher = pushes rejected answers "
+                        "down harder.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto = cuda when available.")
 
 

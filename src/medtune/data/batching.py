@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medtune.data.render import IGNORE, Sample
+from medtune.data.render import IGNORE, Pair, Sample
 
 
 @dataclass
@@ -57,6 +57,11 @@ def pad_collate(samples: list[Sample], pad_id: int, side: str = "right") -> Batc
     targets = torch.tensor(tgt)
     return Batch(torch.tensor(ids), targets, position_ids, attention, int((targets != IGNORE).sum()),
                  int(attention.sum()))
+
+
+def pair_collate(pairs: list[Pair], pad_id: int, side: str = "right") -> Batch:
+    """Preference pairs as one batch of 2N rows: the N chosen answers, then the N rejected ones, in pair order."""
+    return pad_collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, side)
 
 
 def pack_collate(rows: list[list[Sample]], pad_id: int) -> Batch:
@@ -136,11 +141,13 @@ class BatchPlan:
         return -(-n // self.batch_size)
 
 
-def iterate(samples: list[Sample], plan: BatchPlan, epoch: int, pad_id: int, side: str,
+def iterate(samples: list[Sample] | list[Pair], plan: BatchPlan, epoch: int, pad_id: int, side: str,
             skip: int = 0) -> Iterator[Batch]:
     """Micro-batches of one epoch, skipping the first `skip` (resume)."""
     for rows in plan.rows(epoch)[skip:]:
         if plan.packing:
             yield pack_collate([[samples[i] for i in row] for row in rows], pad_id)
+        elif isinstance(samples[rows[0][0]], Pair):
+            yield pair_collate([samples[row[0]] for row in rows], pad_id, side)
         else:
             yield pad_collate([samples[row[0]] for row in rows], pad_id, side)

@@ -6,6 +6,9 @@ Each format reads canonical fields, which `data.columns` can map to the file's o
   instruction  instruction, input (optional), output
   qa           question, answer
   template     any columns, through data.prompt_template / data.response_template (Jinja)
+  preference   prompt, chosen, rejected: strings, or chat-turn lists (TRL's conversational form: prompt turns
+               ending with the user, chosen/rejected [{role: assistant, ...}]; without a prompt column, chosen
+               and rejected are whole conversations ending with the answer)
 """
 
 from __future__ import annotations
@@ -67,9 +70,9 @@ def _text(row: Row, cfg: DataConfig, name: str, required: bool = True) -> str:
     return value
 
 
-def _messages(row: Row, cfg: DataConfig) -> list[dict[str, str]]:
-    name = cfg.columns.get("messages", "messages")
-    if name not in row.data and "messages" not in cfg.columns and "conversations" in row.data:
+def _messages(row: Row, cfg: DataConfig, canonical: str = "messages", check_order: bool = True) -> list[dict[str, str]]:
+    name = cfg.columns.get(canonical, canonical)
+    if name not in row.data and canonical not in cfg.columns and canonical == "messages" and "conversations" in row.data:
         name = "conversations"  # ShareGPT
     if name not in row.data:
         raise _bad(row, name, f"missing column (row has: {', '.join(map(str, row.data))})", "missing column")
@@ -93,8 +96,31 @@ def _messages(row: Row, cfg: DataConfig) -> list[dict[str, str]]:
         if not isinstance(content, str) or not content.strip():
             raise _bad(row, f"{where}.content", "empty content", "empty")
         out.append({"role": ROLE_ALIASES[role.lower()], "content": content})
-    check_turn_order(out, row, name)
+    if check_order:
+        check_turn_order(out, row, name)
     return out
+
+
+def _turns_or_text(row: Row, cfg: DataConfig, name: str, role: str) -> list[dict[str, str]]:
+    """A preference column as chat turns: a list of turns as given, a string as one turn of `role`."""
+    value = _column(row, cfg, name)
+    if isinstance(value, list) or (isinstance(value, str) and value.lstrip().startswith("[{")):
+        return _messages(row, cfg, name, check_order=False)
+    return [{"role": role, "content": _text(row, cfg, name).strip()}]
+
+
+def to_pair(row: Row, cfg: DataConfig, system_prompt: str | None = None) -> tuple[Example, Example]:
+    """format=preference: (prompt + chosen, prompt + rejected) as two conversations ending with the answer."""
+    has_prompt = cfg.columns.get("prompt", "prompt") in row.data
+    prompt = _turns_or_text(row, cfg, "prompt", "user") if has_prompt else []
+    pair = []
+    for name in ("chosen", "rejected"):
+        messages = prompt + _turns_or_text(row, cfg, name, "assistant")
+        if system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+        check_turn_order(messages, row, cfg.columns.get(name, name))
+        pair.append(Example(row.source, row.number, messages=messages))
+    return pair[0], pair[1]
 
 
 def check_turn_order(messages: list[dict[str, str]], row: Row, field: str) -> None:
@@ -144,8 +170,8 @@ def to_example(row: Row, cfg: DataConfig, system_prompt: str | None = None) -> E
                                field="data.prompt_template")
         messages = [{"role": "user", "content": _render(cfg.prompt_template, row, "data.prompt_template")},
                     {"role": "assistant", "content": _render(cfg.response_template, row, "data.response_template")}]
-    else:  # pydantic already restricts data.format; kept for direct callers
-        raise MedtuneError(f"unknown data format '{fmt}'", field="data.format")
+    else:  # pydantic already restricts data.format; preference rows go through to_pair
+        raise MedtuneError(f"data format '{fmt}' does not make one conversation per row", field="data.format")
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return Example(row.source, row.number, messages=messages)

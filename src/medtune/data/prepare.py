@@ -10,10 +10,10 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from medtune.data.formats import RowError, to_example
+from medtune.data.formats import RowError, to_example, to_pair
 from medtune.data.hygiene import clean, scan_phi
 from medtune.data.readers import Row, read_rows
-from medtune.data.render import IGNORE, Dropped, Sample, render
+from medtune.data.render import IGNORE, Dropped, Pair, Sample, render
 from medtune.errors import MedtuneError
 from medtune.recipe import Recipe
 from medtune.tokenizer import ChatSetup
@@ -109,21 +109,46 @@ def marked_text(tok, sample: Sample) -> str:
     return "".join(pieces)
 
 
+def _halves(samples: list[Sample] | list[Pair]) -> list[Sample]:
+    return [h for s in samples for h in ((s.chosen, s.rejected) if isinstance(s, Pair) else (s,))]
+
+
+def _clean_pairs(pairs: list[tuple], cfg, hygiene: dict | None) -> tuple[list[tuple], list[tuple[int, str]]]:
+    """Hygiene for preference rows: decontamination and near-duplicates judge the chosen conversation (prompt +
+    preferred answer); PHI is scanned (and redacted) in both conversations of a pair."""
+    drops: list[tuple[int, str]] = []
+    chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
+    if hygiene is not None:
+        chosen, found, drops = clean(chosen, cfg)
+        hygiene.update(found)
+    elif cfg.phi == "redact":
+        chosen = scan_phi(chosen, "redact")[0]
+    if cfg.phi == "redact":
+        rejected = scan_phi(rejected, "redact")[0]
+    by_row = {r.row: r for r in rejected}
+    return [(c, by_row[c.row]) for c in chosen], drops
+
+
 def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup,
-                 hygiene: dict | None = None) -> tuple[list[Sample], PartReport]:
+                 hygiene: dict | None = None) -> tuple[list[Sample] | list[Pair], PartReport]:
     """hygiene: a dict to fill with the findings of data/hygiene.py, whose checks then run on these rows."""
     cfg = recipe.data
+    system = recipe.tokenizer.system_prompt
+    preference = cfg.format == "preference"
     report = PartReport(rows=len(rows))
     drops: list[tuple[int, str]] = []  # (row, reason), counted in row order
     examples = []
     for row in rows:
         try:
-            examples.append(to_example(row, cfg, recipe.tokenizer.system_prompt))
+            examples.append(to_pair(row, cfg, system) if preference else to_example(row, cfg, system))
         except RowError as e:
             if cfg.on_bad_row == "error":
                 raise
             drops.append((row.number, e.kind))
-    if hygiene is not None:
+    if preference:
+        examples, removed = _clean_pairs(examples, cfg, hygiene)
+        drops += removed
+    elif hygiene is not None:
         examples, found, removed = clean(examples, cfg)
         hygiene.update(found)
         drops += removed
@@ -132,24 +157,30 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup,
     samples = []
     for ex in examples:
         try:
-            sample, truncated = render(ex, tok, cfg, chat.stop_tokens)
+            if preference:
+                (chosen, cut_c), (rejected, cut_r) = (render(half, tok, cfg, chat.stop_tokens, last_answer_only=True)
+                                                      for half in ex)
+                sample, truncated = Pair(chosen, rejected), cut_c or cut_r
+            else:
+                sample, truncated = render(ex, tok, cfg, chat.stop_tokens)
         except Dropped as d:
-            drops.append((ex.row, d.reason))
+            drops.append(((ex[0] if preference else ex).row, d.reason))
             continue
         report.truncated += truncated
         samples.append(sample)
     report.kept = len(samples)
     report.dropped = dict(Counter(reason for _, reason in sorted(drops, key=lambda d: d[0])))
-    report.tokens = sum(len(s.input_ids) for s in samples)
-    report.loss_tokens = sum(s.num_loss_tokens for s in samples)
-    report.length_percentiles = _percentiles([len(s.input_ids) for s in samples])
+    halves = _halves(samples)  # a preference pair counts as its two conversations
+    report.tokens = sum(len(s.input_ids) for s in halves)
+    report.loss_tokens = sum(s.num_loss_tokens for s in halves)
+    report.length_percentiles = _percentiles([len(s.input_ids) for s in halves])
     return samples, report
 
 
 @dataclass
 class PreparedData:
-    train: list[Sample]
-    eval: list[Sample]
+    train: list[Sample] | list[Pair]  # Pairs for data.format=preference
+    eval: list[Sample] | list[Pair]
     report: DataReport
 
 
@@ -163,8 +194,25 @@ def split_rows(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], lis
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+def check_objective(recipe: Recipe) -> None:
+    """dpo/orpo train on preference pairs, sft on single answers: the two settings must agree."""
+    preference, objective = recipe.data.format == "preference", recipe.train.objective
+    if preference != (objective != "sft"):
+        need = "data.format=preference needs train.objective dpo or orpo" if preference else \
+            f"train.objective={objective} needs data.format=preference"
+        raise MedtuneError(f"{need} (data.format={recipe.data.format}, train.objective={objective})",
+                           field="train.objective")
+    if preference and recipe.data.train_on_prompt:
+        raise MedtuneError("preference objectives learn only the answers; set data.train_on_prompt=false",
+                           field="data.train_on_prompt")
+    if preference and "perplexity" in recipe.eval.after_train:
+        raise MedtuneError("eval.after_train perplexity reads single answers, not preference pairs; drop it or "
+                           "run `medtune eval` with --data", field="eval.after_train")
+
+
 def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     cfg = recipe.data
+    check_objective(recipe)
     rows = read_rows(cfg.path, cfg.split)
     if cfg.limit:
         rows = rows[: cfg.limit]
@@ -182,5 +230,5 @@ def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
         raise MedtuneError(f"every row was dropped ({train_report.dropped}); nothing to train on", file=cfg.path,
                            field="data.path")
     report = DataReport(cfg.path, cfg.format, cfg.max_length, train_report, eval_report, eval_source,
-                        example=marked_text(tok, train[0]), hygiene=hygiene)
+                        example="\n".join(marked_text(tok, s) for s in _halves(train[:1])), hygiene=hygiene)
     return PreparedData(train, evals, report)

@@ -34,6 +34,18 @@ class Sample:
         return sum(1 for t in self.labels[1:] if t != IGNORE)
 
 
+@dataclass
+class Pair:
+    """One preference row: the same prompt with its chosen and its rejected answer, loss only on the answers."""
+
+    chosen: Sample
+    rejected: Sample
+
+    @property
+    def length(self) -> int:  # what batching plans with: both halves are padded to the longer one
+        return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
+
+
 class Dropped(Exception):
     """A row skipped on purpose (counted by reason in the data report)."""
 
@@ -75,8 +87,15 @@ def _chat_ids_and_mask(tok, messages, stop_tokens, ex: Example) -> tuple[list[in
     return list(enc["input_ids"]), mask
 
 
-def render(ex: Example, tok, cfg: DataConfig, stop_tokens: list[str]) -> tuple[Sample, bool]:
-    """Returns (sample, truncated). Raises Dropped for rows skipped by policy, MedtuneError for user errors."""
+def _last_run(mask: list[int]) -> list[int]:
+    """Only the last run of 1s: the final assistant answer (earlier answers of a multi-turn prompt are context)."""
+    start = next(i for i in range(len(mask) - 1, -1, -1) if mask[i] and (i == 0 or not mask[i - 1]))
+    return [0] * start + mask[start:]
+
+
+def render(ex: Example, tok, cfg: DataConfig, stop_tokens: list[str], last_answer_only: bool = False) -> tuple[Sample, bool]:
+    """Returns (sample, truncated). Raises Dropped for rows skipped by policy, MedtuneError for user errors.
+    `last_answer_only`: loss only on the final assistant answer (preference completions)."""
     if ex.text is not None:
         starts_with_bos = tok.bos_token is not None and ex.text.startswith(tok.bos_token)
         ids = tok(ex.text, add_special_tokens=not starts_with_bos)["input_ids"]
@@ -88,6 +107,8 @@ def render(ex: Example, tok, cfg: DataConfig, stop_tokens: list[str]) -> tuple[S
         ids, mask = _chat_ids_and_mask(tok, ex.messages, stop_tokens, ex)
         if cfg.train_on_prompt:
             mask = [1] * len(ids)
+        elif last_answer_only and any(mask):
+            mask = _last_run(mask)
         field = cfg.columns.get("messages", "messages") if cfg.format == "messages" else "prompt"
     labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
     if not any(m for m in mask[1:]):

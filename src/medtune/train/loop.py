@@ -24,9 +24,9 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from medtune.data.batching import Batch, BatchPlan, iterate
+from medtune.data.batching import Batch, BatchPlan, iterate, pair_collate
 from medtune.data.prepare import PreparedData, prepare_data
-from medtune.data.render import IGNORE, Sample
+from medtune.data.render import IGNORE, Pair, Sample
 from medtune.errors import MedtuneError
 from medtune.eval.perplexity import held_out
 from medtune.generate import Loaded, generate, user_turn
@@ -59,6 +59,7 @@ from medtune.train.guard import Interrupted, NonFinite, NonFiniteGuard, StopSign
 from medtune.train.lock import RunLock, holder, is_locked
 from medtune.train.loss import chunked_cross_entropy_sum
 from medtune.train.memory import check_memory, estimate_for_recipe
+from medtune.train.preference import preference_loss
 
 log = logging.getLogger("medtune")
 
@@ -75,13 +76,17 @@ class LossModule(torch.nn.Module):
     """The model and its loss as one module: what DDP / FSDP / DeepSpeed wrap, so every training forward goes
     through the engine."""
 
-    def __init__(self, model, autocast):
+    def __init__(self, model, autocast, objective: str = "sft", beta: float = 0.1):
         super().__init__()
         self.model = model
         self.autocast = autocast
+        self.objective, self.beta = objective, beta
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        return loss_sum(self.model, batch, self.autocast)
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """sft: (summed token loss, {}); dpo / orpo: (the batch's mean pair loss, its reward statistics)."""
+        if self.objective == "sft":
+            return loss_sum(self.model, batch, self.autocast), {}
+        return preference_loss(self.model, batch, self.objective, self.beta, self.autocast)
 
 
 def loss_sum(model, batch: Batch, autocast, chunked: bool = True) -> torch.Tensor:
@@ -105,12 +110,24 @@ def loss_sum(model, batch: Batch, autocast, chunked: bool = True) -> torch.Tenso
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def evaluate(model, samples: list[Sample], *, pad_id: int, batch_size: int, autocast) -> dict[str, float]:
-    """Held-out loss and perplexity, token-weighted over the tokens that carry loss (eval/perplexity.py's)."""
+def evaluate(model, samples: list[Sample] | list[Pair], *, pad_id: int, batch_size: int, autocast, device=None,
+             objective: str = "sft", beta: float = 0.1) -> dict[str, float]:
+    """Held-out loss and perplexity, token-weighted over the tokens that carry loss (eval/perplexity.py's); for
+    dpo / orpo the pair loss and reward statistics, averaged over the batches."""
     if not samples:
         return {}
-    p = held_out(model, samples, pad_id=pad_id, batch_size=batch_size, autocast=autocast)
-    return {"eval_loss": p.loss, "eval_ppl": p.perplexity, "eval_tokens": p.tokens}
+    if objective == "sft":
+        p = held_out(model, samples, pad_id=pad_id, batch_size=batch_size, autocast=autocast)
+        return {"eval_loss": p.loss, "eval_ppl": p.perplexity, "eval_tokens": p.tokens}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        device = device or next(model.parameters()).device
+        batches = [pair_collate(samples[k: k + batch_size], pad_id).to(device) for k in range(0, len(samples), batch_size)]
+        results = [preference_loss(model, b, objective, beta, autocast) for b in batches]
+    model.train(was_training)
+    out = {"eval_loss": sum(loss.item() for loss, _ in results) / len(results)}
+    return out | {f"eval_{k}": sum(st[k] for _, st in results) / len(results) for k in results[0][1]}
 
 
 def _micro_batches(data: PreparedData, plan: BatchPlan, pad_id: int, side: str, start: int) -> Iterator[Batch]:
@@ -216,7 +233,12 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
     if cfg.early_stopping_patience and not (cfg.eval_steps and data.eval):
         raise MedtuneError("train.early_stopping_patience needs train.eval_steps > 0 and held-out data",
                            field="train.early_stopping_patience")
-    plan = BatchPlan([len(s.input_ids) for s in data.train], cfg.batch_size, cfg.seed, packing=cfg.packing,
+    pairs = cfg.objective != "sft"  # dpo / orpo: batch_size pairs per micro-batch, never packed
+    if pairs and cfg.packing:
+        log.info("train.packing is off for train.objective=%s: a pair's chosen and rejected answers share a batch",
+                 cfg.objective)
+    plan = BatchPlan([s.length if pairs else len(s.input_ids) for s in data.train], cfg.batch_size, cfg.seed,
+                     packing=cfg.packing and not pairs,
                      group_by_length=cfg.group_by_length, max_length=recipe.data.max_length)
     per_step = cfg.grad_accum * dist.world  # micro-batches consumed per optimizer step, all processes
     steps_per_epoch = math.ceil(len(plan) / per_step)
@@ -241,19 +263,21 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
     tracker = RunDir(run_dir, run_name=run_dir.name, config=recipe.to_dict(), report_to=recipe.report_to,
                      wandb_project=recipe.wandb_project, resume=recipe.resume) if dist.is_main else _NoTracker()
     can_eval = dist.is_main and not dist.sharded  # evaluation calls the model outside a sharding engine
-    evaluate_kw = dict(pad_id=chat.pad_token_id, batch_size=cfg.batch_size, autocast=autocast)
+    evaluate_kw = dict(pad_id=chat.pad_token_id, batch_size=cfg.batch_size, device=device, autocast=autocast,
+                       objective=cfg.objective, beta=cfg.beta)
     if cfg.eval_before and data.eval and not state.base_eval and can_eval:
         base = evaluate(model, data.eval, **evaluate_kw)
         state.base_eval = {f"base_{k}": v for k, v in base.items()}
-        log.info("base model on held-out data: loss %.4f, perplexity %.2f", base["eval_loss"], base["eval_ppl"])
-        tracker.log({"eval_loss": base["eval_loss"], "eval_ppl": base["eval_ppl"]}, step=0)
+        log.info("base model on held-out data: loss %.4f%s", base["eval_loss"],
+                 f", perplexity {base['eval_ppl']:.2f}" if "eval_ppl" in base else "")
+        tracker.log({k: base[k] for k in ("eval_loss", "eval_ppl") if k in base}, step=0)
 
     # ---- train ---------------------------------------------------------------------------------------------
     if dist.is_main:
         with writing(run_dir, "the run directory"):
             _save_run_files(run_dir, recipe, tok, chat, model_dir, device,
                             ("bf16" if bf16 else "fp32") + (f", 4-bit {recipe.quant.quant_type} base" if quantized else ""))
-    wrapped, optimizer = dist.prepare(LossModule(model, autocast), optimizer)
+    wrapped, optimizer = dist.prepare(LossModule(model, autocast, cfg.objective, cfg.beta), optimizer)
     wrapped.train()
 
     def checkpoint() -> Path | None:
@@ -266,6 +290,7 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
                     dist.rank, dist.world)
     guard = NonFiniteGuard(cfg.nan_policy)
     window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
+    window_stats: dict[str, float] = {}  # dpo / orpo: sums of the micro-batches' reward statistics
     run_real, run_start = 0, time.perf_counter()
     last_logged: dict[str, float] = {}
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
@@ -275,13 +300,16 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
         try:
             while state.step < total_steps:
                 micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
-                (n_loss,) = dist.sum([sum(b.num_loss_tokens for b in micro)])
-                step_loss = 0.0
+                # sft divides the window's summed token loss by its loss tokens; dpo / orpo average the batch means
+                (n_loss,) = dist.sum([len(micro) if pairs else sum(b.num_loss_tokens for b in micro)])
+                step_loss, step_stats = 0.0, {}
                 for b in micro:
                     with dist.accumulate(wrapped):
-                        loss = wrapped(b)
+                        loss, stats = wrapped(b)
                         dist.backward(loss, n_loss, cfg.grad_accum)
                     step_loss += loss.item()
+                    for k, v in stats.items():
+                        step_stats[k] = step_stats.get(k, 0.0) + v
                 grad_norm = dist.clip_grad_norm(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
                 step_loss, real, stop = dist.sum([step_loss, sum(b.num_tokens for b in micro),
                                                   float(signals.signum is not None)])
@@ -305,12 +333,18 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
                 state.step += 1
                 window_loss, window_tokens, window_real, run_real = window_loss + step_loss, window_tokens + n_loss, \
                     window_real + real, run_real + real
+                window_stats = {k: window_stats.get(k, 0.0) + v for k, v in step_stats.items()}
                 bar.update(1)
                 if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     last_logged = {"loss": window_loss / window_tokens, "learning_rate": scheduler.get_last_lr()[0],
                                    "grad_norm": grad_norm, "tokens_per_s": window_real / elapsed,
                                    "tokens_seen": run_real, "epoch": state.step / steps_per_epoch}
+                    if window_stats:
+                        names = sorted(window_stats)
+                        sums = dist.sum([window_stats[k] for k in names])
+                        last_logged |= {k: v / window_tokens for k, v in zip(names, sums, strict=True)}
+                        window_stats = {}
                     tracker.log(last_logged, step=state.step)
                     bar.set_postfix(loss=f"{last_logged['loss']:.4f}", tok_s=f"{last_logged['tokens_per_s']:.0f}")
                     window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()

@@ -143,9 +143,10 @@ def available_memory(device: torch.device) -> int | None:
 def estimate_for_recipe(recipe, model_dir: str, device: torch.device, bf16: bool) -> MemoryEstimate:
     cfg = recipe.train
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    rows = cfg.batch_size * (1 if cfg.objective == "sft" else 2)  # dpo / orpo: chosen + rejected of each pair
     return estimate_memory(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
                            quantized=recipe.quant.load_in_4bit, double_quant=recipe.quant.double_quant,
-                           lora=recipe.lora, batch_size=cfg.batch_size, max_length=recipe.data.max_length,
+                           lora=recipe.lora, batch_size=rows, max_length=recipe.data.max_length,
                            gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
                            device_type=device.type, processes=processes)
 
