@@ -20,7 +20,12 @@ SECTIONS = ("Intended use", "Out-of-scope use", "Base model", "Training data", "
             "Sample answers", "How to use", "Versions", "Hardware", "Limitations")
 METRICS = {"steps": 30, "train_loss": 1.234, "tokens_per_s": 1523.7, "train_seconds": 42.5, "base_eval_loss": 2.5,
            "base_eval_ppl": 12.1825, "eval_loss": 1.5027, "eval_ppl": 4.4937, "eval_tokens": 3210}
-HYGIENE = {"decontamination": {"dropped": 3, "benchmarks": ["pubmedqa"]}, "near_duplicates": 7, "phi": 2}
+# data/hygiene.py's report shape (data_report.json "hygiene")
+HYGIENE = {"decontamination": {"checked_against": {"pubmedqa": 500}, "ngram": 13, "contaminated_rows": 3,
+                               "action": "drop", "examples": ["notes.jsonl:4 overlaps pubmedqa dev.json:7"]},
+           "near_duplicates": {"threshold": 0.8, "duplicate_rows": 7, "action": "report", "examples": []},
+           "phi": {"mode": "redact", "counts": {"EMAIL_ADDRESS": 2}, "rows_with_phi": 2, "examples": [],
+                   "names": "not scanned"}}
 
 
 def make_run(root: Path, *, base_model: str = "smollm2-135m-instruct", hygiene: dict | None = None,
@@ -83,8 +88,9 @@ def test_card_sections_front_matter_and_no_absolute_path(tmp_path, monkeypatch):
     data = section(text, "Training data")
     assert "- Source: `notes.jsonl` (format qa, max_length 512)" in data
     assert "| train | 90 | 88 | 1 | 2 empty | 12345 | 6789 | p50=120 p95=301 |" in data
-    assert "| `near_duplicates` | 7 |" in data and "| `phi` | 2 |" in data
-    assert '| `decontamination.benchmarks` | ["pubmedqa"] |' in data
+    assert "benchmark overlap (13-gram): 3 rows (dropped) against pubmedqa (500 items)" in data
+    assert "near-duplicates (Jaccard >= 0.8): 7 rows (kept)" in data
+    assert "PHI (redact): 2 rows with identifiers: 2 EMAIL_ADDRESS" in data
     assert "| `lora.r` | 16 |" in text and "| `data.path` | notes.jsonl |" in text
 
     results = section(text, "Results")

@@ -126,8 +126,10 @@ def training_data(report: dict | None) -> str:
         text += "\n\n" + table(["split", "rows", "kept", "truncated", "dropped", "tokens", "loss tokens", "length"],
                                rows)
     if report.get("hygiene"):
-        text += "\n\nData hygiene:\n\n" + table(["check", "result"], [(f"`{k}`", _recipe_value(v)) for k, v in
-                                                                        flatten(report["hygiene"]).items()])
+        from medtune.data.prepare import hygiene_lines
+
+        text += "\n\nData hygiene (`medtune data check`):\n\n```text\n" + "\n".join(
+            line.strip() for line in hygiene_lines(report["hygiene"])) + "\n```"
     if report.get("example"):
         text += ("\n\nFirst training example (« » marks the tokens that carry loss):\n\n```text\n"
                  + report["example"] + "\n```")
