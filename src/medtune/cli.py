@@ -258,7 +258,8 @@ def cmd_ui(args) -> int:
 def cmd_push(args) -> int:
     from medtune.push import push_run
 
-    url = push_run(args.run, args.repo_id, merged=args.merged, private=args.private, dtype=args.dtype)
+    url = push_run(args.run, args.repo_id, merged=args.merged, private=args.private, dtype=args.dtype,
+                   base_model=args.base_model)
     print(f"pushed {'merged model' if args.merged else 'adapter'} to {args.repo_id}: {url}")
     return 0
 
@@ -380,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="merge the adapter into the base and upload full weights")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight type with --merged")
     p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--base-model", default=None, metavar="ORG/NAME", help="hub id of the base model, written to "
+                   "adapter_config.json; needed when the run trained on a local folder")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a base model and its adapters",
