@@ -20,6 +20,10 @@ from medtune.recipe import QuantConfig, TokenizerConfig
 from medtune.tokenizer import prepare_tokenizer
 
 RUN_META = "medtune.json"
+# Repetition control of `generate` (samples at the end of training, generate, chat, compare, ui; not serve, which
+# keeps OpenAI's semantics). A small model's greedy answer otherwise loops on one sentence after a short fine-tune.
+REPETITION_PENALTY = 1.2  # transformers' CTRL-style penalty on tokens already in the prompt or the answer
+NO_REPEAT_NGRAM_SIZE = 4  # no 4-token sequence twice in one answer (0 = off)
 
 
 @dataclass
@@ -107,13 +111,16 @@ class _CallbackStreamer:
 @torch.inference_mode()
 def generate(loaded: Loaded, messages: list[dict[str, str]], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, use_adapter: bool = True, on_text: Callable[[str], None] | None = None,
-             streamer=None) -> str:
+             streamer=None, repetition_penalty: float = REPETITION_PENALTY,
+             no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE) -> str:
     """One answer to a conversation; greedy when temperature is 0. Streams text pieces to `on_text`, or token ids
-    to a transformers-style `streamer` (put/end; its first put is the prompt)."""
+    to a transformers-style `streamer` (put/end; its first put is the prompt). `repetition_penalty` 1.0 and
+    `no_repeat_ngram_size` 0 turn repetition control off."""
     ids = prompt_ids(loaded.tok, messages, loaded.max_length)
     device = next(loaded.model.parameters()).device
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.stop_token_ids, pad_token_id=loaded.pad_token_id,
-                  do_sample=temperature > 0)
+                  do_sample=temperature > 0, repetition_penalty=repetition_penalty,
+                  no_repeat_ngram_size=no_repeat_ngram_size)
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
     adapter_off = loaded.model.disable_adapter() if (loaded.has_adapter and not use_adapter) else nullcontext()
