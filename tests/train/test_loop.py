@@ -186,8 +186,9 @@ def test_generate_applies_repetition_control(tiny_model_dir):
             pass
 
     generate(loaded, user_turn("What is gout?"), max_new_tokens=8)
-    assert (seen[-1]["repetition_penalty"], seen[-1]["no_repeat_ngram_size"]) == (REPETITION_PENALTY,
-                                                                                   NO_REPEAT_NGRAM_SIZE)
+    penalty, ngram = (p.processor for p in seen[-1]["logits_processor"])  # both see the answer's tokens only
+    assert (penalty.penalty, ngram.ngram_size) == (REPETITION_PENALTY, NO_REPEAT_NGRAM_SIZE)
+    assert seen[-1]["logits_processor"][0].prompt_length == seen[-1]["input_ids"].shape[1]
     loops, free = Ids(), Ids()
     generate(loaded, user_turn("What is gout?"), max_new_tokens=40, streamer=loops, repetition_penalty=1.0,
              no_repeat_ngram_size=0)
