@@ -244,6 +244,22 @@ def test_compare_prints_base_and_tuned_for_each_prompt(run_dir, capsys):
         assert header.startswith("BASE") and header.endswith("| TUNED"), block
 
 
+def test_compare_passes_the_repetition_flags(run_dir, capsys, monkeypatch):
+    import medtune.generate
+
+    seen = []
+    real_generate = medtune.generate.generate
+    monkeypatch.setattr(medtune.generate, "generate", lambda *a, **kw: seen.append(kw) or real_generate(*a, **kw))
+    code, _, err = run_cli(capsys, "compare", run_dir, "--prompt", "What is gout?", "--max-new-tokens", "4",
+                           "--repetition-penalty", "1.5", "--no-repeat-ngram-size", "2")
+    assert code == 0, err
+    assert [(kw["repetition_penalty"], kw["no_repeat_ngram_size"]) for kw in seen] == [(1.5, 2), (1.5, 2)]
+    seen.clear()
+    code, _, err = run_cli(capsys, "generate", run_dir, "--prompt", "What is gout?", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert "repetition_penalty" not in seen[0] and "no_repeat_ngram_size" not in seen[0]  # generate's defaults
+
+
 def test_chat_reset_and_exit(run_dir, capsys, monkeypatch):
     import torch
 

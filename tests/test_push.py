@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
+import torch
 from safetensors.torch import load as load_safetensors
 
 from medtune.cli import main
@@ -87,8 +90,12 @@ def hub(monkeypatch):
     server.server_close()
 
 
+BASE_ID = "medtune-org/tiny-llama"  # the hub id given for the tiny run's local base folder
+REWRITTEN = {"adapter_config.json", "recipe.yaml", "README.md"}  # the files that name local paths in the run
+
+
 def test_adapter_push_sends_adapter_tokenizer_and_card(tiny_run_dir, hub):
-    url = push_run(tiny_run_dir, "medtune-org/tiny-adapter", private=True)
+    url = push_run(tiny_run_dir, "medtune-org/tiny-adapter", private=True, base_model=BASE_ID)
     assert url.endswith("/medtune-org/tiny-adapter/commit/" + "a" * 40)
     assert hub.repos == [{"name": "tiny-adapter", "organization": "medtune-org", "visibility": "private",
                           "type": "model", "auth": "Bearer hf_test_token"}]
@@ -101,15 +108,62 @@ def test_adapter_push_sends_adapter_tokenizer_and_card(tiny_run_dir, hub):
          "generation_config.json", "plots/grad_norm.png", "plots/learning_rate.png", "plots/loss.png",
          "recipe.yaml", "tokenizer.json", "tokenizer_config.json"])
     for name, content in hub.files.items():
-        assert content == (tiny_run_dir / name).read_bytes(), name
+        assert (content == (tiny_run_dir / name).read_bytes()) == (name not in REWRITTEN), name
     assert "not medical advice" in hub.files["README.md"].decode().lower()
     assert any("lora_B" in k for k in load_safetensors(hub.files["adapter_model.safetensors"]))
     header = next(line for line in hub.requests[-1][2] if line["key"] == "header")
     assert header["value"]["summary"] == "medtune: LoRA adapter from run"
 
 
+def test_pushed_files_name_no_local_path_and_load_by_hub_id(tiny_run_dir, tiny_model_dir, hub, tmp_path):
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from medtune.generate import read_run_meta
+
+    push_run(tiny_run_dir, "medtune-org/tiny-adapter", base_model=BASE_ID)
+    local = [str(tiny_run_dir), str(tiny_run_dir.resolve()), str(tiny_model_dir), read_run_meta(tiny_run_dir)["base_model_path"]]
+    assert any(p in (tiny_run_dir / n).read_text() for n in REWRITTEN for p in local)  # there was something to remove
+    for name, content in hub.files.items():
+        if not name.endswith((".safetensors", ".png")):
+            assert not any(p in content.decode() for p in local), name
+    assert json.loads(hub.files["adapter_config.json"])["base_model_name_or_path"] == BASE_ID
+    assert "medtune-org/tiny-adapter" in hub.files["README.md"].decode()  # the card's usage names the repository
+    folder = tmp_path / "downloaded"
+    for name, content in hub.files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    assert LoraConfig.from_pretrained(folder).base_model_name_or_path == BASE_ID
+    # The hub id resolved to the local copy of the base, as a hub download would give it.
+    ids = torch.tensor([[1, 5, 9, 12]])
+    pushed = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder).eval()
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_run_dir).eval()
+    with torch.no_grad():
+        assert torch.equal(pushed(ids).logits, trained(ids).logits)
+
+
+def test_alias_base_is_named_by_its_hub_id(tiny_run_dir, tmp_path):
+    from medtune.push import base_hub_id
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "medtune.json").write_text(json.dumps({"base_model": "smollm2-135m-instruct"}))
+    assert base_hub_id(run, None) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with pytest.raises(MedtuneError, match="--base-model ORG/NAME"):
+        base_hub_id(tiny_run_dir, None)
+
+
+def test_a_local_path_left_in_a_file_stops_the_push(tiny_run_dir, hub, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    (run / "README.md").write_text((run / "README.md").read_text() + f"\nnotes in {Path.home()}/notes.txt\n")
+    with pytest.raises(MedtuneError, match=r"README.md.*refusing to push: it names the home directory"):
+        push_run(run, "medtune-org/tiny-adapter", base_model=BASE_ID)
+    assert not any("/commit/" in r[1] for r in hub.requests)
+
+
 def test_merged_push_sends_plain_weights(tiny_run_dir, hub):
-    push_run(tiny_run_dir, "medtune-org/tiny-merged", merged=True)
+    push_run(tiny_run_dir, "medtune-org/tiny-merged", merged=True, base_model=BASE_ID)
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
             "medtune_merged.json", "plots/loss.png"} <= set(hub.files)
     assert not any(name.startswith("adapter_") for name in hub.files)
@@ -123,7 +177,7 @@ def test_merged_push_sends_plain_weights(tiny_run_dir, hub):
 def test_hub_refusal_is_one_clear_error(tiny_run_dir, hub):
     hub.refuse = 401
     with pytest.raises(MedtuneError, match=r"the Hub refused the upload \(HTTP 401\)"):
-        push_run(tiny_run_dir, "medtune-org/tiny-adapter")
+        push_run(tiny_run_dir, "medtune-org/tiny-adapter", base_model=BASE_ID)
 
 
 def test_no_token_is_one_clear_error(tiny_run_dir, hub, monkeypatch, tmp_path, capsys):

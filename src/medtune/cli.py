@@ -84,13 +84,19 @@ def _load(args):
     return load_for_inference(args.model, device=args.device, template=args.template)
 
 
+def _repetition(args) -> dict:
+    """The repetition flags the user set; generate's defaults for the others."""
+    knobs = dict(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+    return {k: v for k, v in knobs.items() if v is not None}
+
+
 def cmd_generate(args) -> int:
     from medtune.generate import generate, user_turn
 
     loaded = _load(args)
     stream = None if args.no_stream else (lambda t: print(t, end="", flush=True))
     text = generate(loaded, user_turn(args.prompt, args.system), max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, on_text=stream)
+                    temperature=args.temperature, top_p=args.top_p, on_text=stream, **_repetition(args))
     print(text if args.no_stream else "")
     return 0
 
@@ -118,7 +124,7 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
         answer = generate(loaded, history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, on_text=lambda t: print(t, end="", flush=True))
+                          top_p=args.top_p, on_text=lambda t: print(t, end="", flush=True), **_repetition(args))
         print()
         history.append({"role": "assistant", "content": answer})
 
@@ -141,7 +147,8 @@ def cmd_compare(args) -> int:
     samples = []
     for prompt in prompts:
         msgs = user_turn(prompt, args.system)
-        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  **_repetition(args))
         samples.append({"prompt": prompt, "base": generate(loaded, msgs, use_adapter=False, **kw),
                         "tuned": generate(loaded, msgs, **kw)})
     _print_side_by_side(samples)
@@ -259,7 +266,8 @@ def cmd_ui(args) -> int:
 def cmd_push(args) -> int:
     from medtune.push import push_run
 
-    url = push_run(args.run, args.repo_id, merged=args.merged, private=args.private, dtype=args.dtype)
+    url = push_run(args.run, args.repo_id, merged=args.merged, private=args.private, dtype=args.dtype,
+                   base_model=args.base_model)
     print(f"pushed {'merged model' if args.merged else 'adapter'} to {args.repo_id}: {url}")
     return 0
 
@@ -305,6 +313,10 @@ def _talk_args(p: argparse.ArgumentParser, single_prompt: bool = False) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; higher = more varied answers")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="penalty on tokens already seen "
+                   "(1.0 = off; default: medtune.generate.REPETITION_PENALTY, 1.2); keeps a small model from looping")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N", help="never repeat an N-token "
+                   "sequence in one answer (0 = off; default: medtune.generate.NO_REPEAT_NGRAM_SIZE, 4)")
     p.add_argument("--template", default="auto", help="chat template for a plain model: auto, chatml, llama2")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
@@ -381,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="merge the adapter into the base and upload full weights")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight type with --merged")
     p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--base-model", default=None, metavar="ORG/NAME", help="hub id of the base model, written to "
+                   "adapter_config.json; needed when the run trained on a local folder")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API for a base model and its adapters",

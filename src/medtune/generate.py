@@ -18,6 +18,12 @@ from medtune.recipe import QuantConfig, TokenizerConfig
 from medtune.run.meta import is_run_dir, read_run_meta
 from medtune.tokenizer import prepare_tokenizer
 
+# Repetition control of `generate` (samples at the end of training, generate, chat, compare, ui; not serve, which
+# keeps OpenAI's semantics), over the answer's own tokens only. A small model's greedy answer otherwise loops on
+# one sentence after a short fine-tune.
+REPETITION_PENALTY = 1.2  # transformers' CTRL-style penalty on tokens already in the prompt or the answer
+NO_REPEAT_NGRAM_SIZE = 4  # no 4-token sequence twice in one answer (0 = off)
+
 
 @dataclass
 class Loaded:
@@ -94,13 +100,16 @@ class _CallbackStreamer:
 @torch.inference_mode()
 def generate(loaded: Loaded, messages: list[dict[str, str]], *, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, use_adapter: bool = True, on_text: Callable[[str], None] | None = None,
-             streamer=None) -> str:
+             streamer=None, repetition_penalty: float = REPETITION_PENALTY,
+             no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE) -> str:
     """One answer to a conversation; greedy when temperature is 0. Streams text pieces to `on_text`, or token ids
-    to a transformers-style `streamer` (put/end; its first put is the prompt)."""
+    to a transformers-style `streamer` (put/end; its first put is the prompt). `repetition_penalty` 1.0 and
+    `no_repeat_ngram_size` 0 turn repetition control off."""
     ids = prompt_ids(loaded.tok, messages, loaded.max_length)
     device = next(loaded.model.parameters()).device
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.stop_token_ids, pad_token_id=loaded.pad_token_id,
-                  do_sample=temperature > 0)
+                  do_sample=temperature > 0, logits_processor=_repetition_control(ids.shape[1], repetition_penalty,
+                                                                                   no_repeat_ngram_size))
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
     adapter_off = loaded.model.disable_adapter() if (loaded.has_adapter and not use_adapter) else nullcontext()
@@ -111,6 +120,29 @@ def generate(loaded: Loaded, messages: list[dict[str, str]], *, max_new_tokens: 
         out = loaded.model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                                     streamer=streamer, **kwargs)
     return loaded.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+class _AnswerOnly:
+    """A transformers logits processor that sees only the answer's tokens, not the prompt's: the question's own
+    words (a term asked about, the chat template) are never penalised as repeats."""
+
+    def __init__(self, processor, prompt_length: int):
+        self.processor, self.prompt_length = processor, prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.processor(input_ids[:, self.prompt_length:], scores)
+
+
+def _repetition_control(prompt_length: int, penalty: float, ngram: int) -> list:
+    from transformers import (
+        LogitsProcessorList,
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
+
+    processors = [RepetitionPenaltyLogitsProcessor(penalty)] if penalty != 1.0 else []
+    processors += [NoRepeatNGramLogitsProcessor(ngram)] if ngram > 0 else []
+    return LogitsProcessorList(_AnswerOnly(p, prompt_length) for p in processors)
 
 
 def user_turn(prompt: str, system: str | None = None) -> list[dict[str, str]]:

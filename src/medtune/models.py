@@ -122,7 +122,7 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Fast bf16 matmuls: Ampere+ GPUs, or CPUs with AVX512-BF16/AMX (oneDNN reports it)."""
+    """Fast bf16 matmuls: Ampere+ GPUs, or CPUs with AVX512-BF16 (AMX is not needed; oneDNN reports it)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

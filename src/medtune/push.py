@@ -3,21 +3,31 @@
 Uploads go through huggingface_hub (`create_repo`, then one `upload_folder` commit). `HF_ENDPOINT` is read when
 pushing, so a mirror or a test server can stand in for huggingface.co. Offline (`HF_HUB_OFFLINE=1`) or without a
 token (`HF_TOKEN`, or `hf auth login`), medtune stops with one clear error before touching anything.
+
+What is uploaded is a copy made for the Hub: adapter_config.json names the base by its hub id (so
+`PeftModel.from_pretrained` works on any machine), the run folder becomes the repository id and the base's
+local folder its hub id in every text file, and recipe.yaml keeps only file names of local data. Any local
+path still left (the run, the base folder, the home directory, $MEDTUNE_HOME) stops the push, naming the file.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
+import yaml
+
 from medtune.errors import MedtuneError
 from medtune.export.merge import check_run, merge_run
-from medtune.models import offline
+from medtune.models import medtune_home, offline
 from medtune.run.layout import ADAPTER_FILES as ADAPTER
 from medtune.run.layout import CARD, PLOTS, RECIPE
+from medtune.run.meta import read_run_meta
 
 log = logging.getLogger("medtune")
 
@@ -26,6 +36,7 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # checkpoints (optimizer state) nor medtune.json (it names local paths).
 ADAPTER_FILES = [CARD, *ADAPTER, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "tokenizer.model", "chat_template.jinja", "generation_config.json", RECIPE, f"{PLOTS}/*.png"]
+BINARY = (".safetensors", ".png", ".model", ".bin", ".gguf")
 
 
 def hub_token() -> str:
@@ -40,8 +51,82 @@ def hub_token() -> str:
     return token
 
 
+def base_hub_id(run: Path, base_model: str | None) -> str:
+    """The hub id of the run's base: `base_model` if given, else the alias's id or the hub id it trained from."""
+    from medtune.train.rundir import _hub_id
+
+    if base_model is not None:
+        if not REPO_ID.fullmatch(base_model):
+            raise MedtuneError(f"base model '{base_model}' is not a hub id ORG/NAME", field="--base-model")
+        return base_model
+    name = read_run_meta(run).base_model
+    hub_id = _hub_id(name)
+    if hub_id is None:
+        raise MedtuneError(f"the run's base model is the local folder '{name}', which the Hub cannot resolve; give "
+                           "its hub id with --base-model ORG/NAME", file=str(run / "medtune.json"))
+    return hub_id
+
+
+def _local_recipe(recipe: dict, hub_id: str) -> dict:
+    """recipe.yaml as pushed: the base by hub id, no output_dir, local files by name only."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        if isinstance(value, str) and value.startswith(("/", "~")):
+            return Path(value).name
+        return value
+
+    return {**strip(recipe), "model": hub_id, "output_dir": None}
+
+
+def prepare_upload(folder: Path, run: Path, repo_id: str, hub_id: str) -> None:
+    """Rewrite the files in `folder` (a copy) for the Hub; refuse any local path left in them (see module doc)."""
+    meta = read_run_meta(run)
+    replace = {str(run.resolve()): repo_id, str(Path(meta.base_model_path).resolve()): hub_id,
+               meta.base_model_path: hub_id}
+    config = folder / "adapter_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        data["base_model_name_or_path"] = hub_id
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    recipe = folder / "recipe.yaml"
+    if recipe.is_file():
+        data = _local_recipe(yaml.safe_load(recipe.read_text(encoding="utf-8")), hub_id)
+        recipe.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    forbidden = {str(run.resolve()): "the run directory", str(Path(meta.base_model_path).resolve()): "the base "
+                 "model's local folder", str(medtune_home().resolve()): "$MEDTUNE_HOME", str(Path.home()): "the home "
+                 "directory"}
+    forbidden = {k: v for k, v in forbidden.items() if len(k) > 1}  # a home of "/" would match everything
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in BINARY):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        new = text
+        for old in sorted(replace, key=len, reverse=True):  # the longest first: a run inside the home directory
+            new = new.replace(old, replace[old])
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+        for local, what in forbidden.items():
+            if local in new:
+                raise MedtuneError(f"refusing to push: it names {what} ({local}); remove it from the file",
+                                   file=str(path.relative_to(folder)))
+
+
+def _stage(run: Path, target: Path) -> Path:
+    """Copy the adapter files of the run to `target`."""
+    for pattern in ADAPTER_FILES:
+        for src in run.glob(pattern):
+            dst = target / src.relative_to(run)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+    return target
+
+
 def push_run(run: str | Path, repo_id: str, *, merged: bool = False, private: bool = False,
-             dtype: str = "bf16") -> str:
+             dtype: str = "bf16", base_model: str | None = None) -> str:
     """Upload the run (adapter) or its merged model to `repo_id`; returns the commit URL."""
     import httpx2  # huggingface_hub 2.x's HTTP client
     from huggingface_hub import HfApi
@@ -53,6 +138,7 @@ def push_run(run: str | Path, repo_id: str, *, merged: bool = False, private: bo
         raise MedtuneError(f"repo id '{repo_id}' is not ORG/NAME", field="--repo-id")
     run = check_run(run)
     token = hub_token()
+    hub_id = base_hub_id(run, base_model)
     card = run / CARD
     if not card.is_file() or NOT_MEDICAL_ADVICE not in card.read_text(encoding="utf-8"):
         raise MedtuneError("the run's model card README.md is missing or lacks the not-medical-advice notice",
@@ -60,14 +146,14 @@ def push_run(run: str | Path, repo_id: str, *, merged: bool = False, private: bo
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     with tempfile.TemporaryDirectory(prefix="medtune-push-") as scratch:
         if merged:
-            folder, patterns = merge_run(run, Path(scratch) / "merged", dtype=dtype), None
-            what = f"merged {dtype} weights"
+            folder, what = merge_run(run, Path(scratch) / "merged", dtype=dtype), f"merged {dtype} weights"
         else:
-            folder, patterns, what = run, ADAPTER_FILES, "LoRA adapter"
+            folder, what = _stage(run, Path(scratch) / "adapter"), "LoRA adapter"
+        prepare_upload(folder, run, repo_id, hub_id)
         try:
             api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model")
-            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, allow_patterns=patterns,
-                                       repo_type="model", commit_message=f"medtune: {what} from {run.name}")
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                                       commit_message=f"medtune: {what} from {run.name}")
         except HfHubHTTPError as e:
             status = e.response.status_code if e.response is not None else "?"
             raise MedtuneError(f"the Hub refused the upload (HTTP {status}): {str(e).splitlines()[0]}",

@@ -120,7 +120,7 @@ class TrainConfig(Section):
                           "rows. false = one padded example per row.")
     group_by_length: bool = Field(False, description="Batch examples of similar length together: less padding.")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 where the hardware has fast bf16 "
-                                                        "(AMX/AVX512-BF16 CPUs, Ampere+ GPUs), else fp32. LoRA weights, "
+                                                        "(CPUs with AVX512-BF16 or AMX, Ampere+ GPUs), else fp32. LoRA weights, "
                                                         "optimizer state and loss stay fp32.")
     eval_steps: int = Field(0, ge=0, description="Evaluate (loss, perplexity) every N steps; 0 = only before and after training.")
     eval_before: bool = Field(True, description="Measure held-out loss/perplexity of the base model before training.")
@@ -167,7 +167,13 @@ class EvalConfig(Section):
 class SamplesConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="Prompts answered by the base and the tuned model at the end "
                                "of training (printed, and written to the model card).")
+    from_eval: int = Field(0, ge=0, description="Also answer the prompts of the first N held-out rows (never "
+                           "trained on), after `prompts`; needs a chat data format.")
     max_new_tokens: int = Field(128, gt=0, description="Length limit of each sample answer.")
+    repetition_penalty: float | None = Field(None, gt=0, description="Penalty on tokens already seen (1.0 = off); "
+                                             "default medtune.generate.REPETITION_PENALTY (1.2).")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, description="Never repeat an N-token sequence in an "
+                                             "answer (0 = off); default medtune.generate.NO_REPEAT_NGRAM_SIZE (4).")
 
 
 class Recipe(Section):

@@ -140,3 +140,18 @@ def test_metrics_jsonl_is_plain_json(tmp_path):
     run.log({"loss": 2.0, "tokens_per_s": 10}, step=3)
     run.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 2.0, "tokens_per_s": 10.0}
+
+
+def test_perplexity_bars_are_labelled(tmp_path):
+    from medtune.train.rundir import perplexity_figure
+
+    fig = perplexity_figure(15.544, 8.417)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["base model", "tuned model"]
+    assert [t.get_text() for t in ax.texts] == ["15.54", "8.42"]  # value labels on the bars
+    assert [round(p.get_height(), 3) for p in ax.patches] == [15.544, 8.417]
+    assert "perplexity" in ax.get_title().lower() and ax.get_ylabel() == "perplexity"
+    run = RunDir(tmp_path / "run", run_name="r", config={}, report_to=[])
+    assert tmp_path / "run" / "plots" / "perplexity.png" in run.plots({"base_eval_ppl": 15.5, "eval_ppl": 8.4})
+    assert run.plots({"eval_ppl": 8.4}) == []  # no base figure, no bars
+    run.close()

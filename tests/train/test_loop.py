@@ -3,6 +3,7 @@ resume is exact, and the run directory reloads as trained."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 
@@ -137,3 +138,84 @@ def test_new_run_never_overwrites(tiny_model_dir, tmp_path, monkeypatch):
     first = run_training(recipe)
     second = run_training(recipe)
     assert first.run_dir.name == "same" and second.run_dir.name == "same-2"
+
+
+def test_sample_prompts_come_from_held_out_rows_with_repetition_control(tiny_model_dir, tmp_path, monkeypatch):
+    from medtune.data.prepare import prepare_data
+    from medtune.data.readers import read_rows
+    from medtune.models import load_tokenizer
+    from medtune.tokenizer import prepare_tokenizer
+    from medtune.train import loop
+
+    calls = []
+    real_generate = loop.generate
+    monkeypatch.setattr(loop, "generate", lambda *a, **kw: calls.append(kw) or real_generate(*a, **kw))
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", "train.max_steps=1", "samples.from_eval=3",
+                         "samples.max_new_tokens=4", "samples.repetition_penalty=1.3",
+                         "samples.no_repeat_ngram_size=3", 'samples.prompts=["What is gout?"]')
+    result = run_training(recipe)
+    meta = json.loads((result.run_dir / "data_report.json").read_text())
+    assert meta["eval"]["kept"] == 6  # 25% of 24 rows held out
+    questions = {r.number: r.data["question"] for r in read_rows("demo:qa")}
+    tok = load_tokenizer(str(tiny_model_dir))
+    data = prepare_data(recipe, tok, prepare_tokenizer(tok, recipe.tokenizer))
+    held_out = [questions[s.row] for s in data.eval[:3]]
+    trained_on = {questions[s.row] for s in data.train}
+    assert [s["prompt"] for s in result.samples] == ["What is gout?", *held_out]
+    assert not trained_on & set(held_out)
+    assert len(calls) == 8 and all(kw["repetition_penalty"] == 1.3 and kw["no_repeat_ngram_size"] == 3
+                                   for kw in calls)
+
+
+def test_generate_applies_repetition_control(tiny_model_dir):
+    from medtune.generate import (
+        NO_REPEAT_NGRAM_SIZE,
+        REPETITION_PENALTY,
+        generate,
+        load_for_inference,
+        user_turn,
+    )
+
+    loaded = load_for_inference(str(tiny_model_dir), precision="fp32")
+    seen = []
+    real = loaded.model.generate
+    loaded.model.generate = lambda **kw: seen.append(kw) or real(**kw)
+
+    class Ids:  # the streamer protocol: the prompt first, then each new token
+        def __init__(self):
+            self.ids = None
+
+        def put(self, value):
+            self.ids = [] if self.ids is None else self.ids + value.reshape(-1).tolist()
+
+        def end(self):
+            pass
+
+    generate(loaded, user_turn("What is gout?"), max_new_tokens=8)
+    penalty, ngram = (p.processor for p in seen[-1]["logits_processor"])  # both see the answer's tokens only
+    assert (penalty.penalty, ngram.ngram_size) == (REPETITION_PENALTY, NO_REPEAT_NGRAM_SIZE)
+    assert seen[-1]["logits_processor"][0].prompt_length == seen[-1]["input_ids"].shape[1]
+    loops, free = Ids(), Ids()
+    generate(loaded, user_turn("What is gout?"), max_new_tokens=40, streamer=loops, repetition_penalty=1.0,
+             no_repeat_ngram_size=0)
+    generate(loaded, user_turn("What is gout?"), max_new_tokens=40, streamer=free, no_repeat_ngram_size=2)
+    bigrams = list(itertools.pairwise(free.ids))
+    assert len(set(bigrams)) == len(bigrams)  # no token pair twice
+    plain = list(itertools.pairwise(loops.ids))
+    assert len(set(plain)) < len(plain), "the untrained tiny model loops when nothing stops it"
+
+
+def test_base_perplexity_is_measured_once_and_reused(tiny_model_dir, tmp_path, monkeypatch):
+    import medtune.eval.perplexity as ppl
+
+    calls = []
+    real = ppl.perplexity
+    monkeypatch.setattr(ppl, "perplexity", lambda *a, **kw: calls.append(kw.get("use_adapter", True)) or real(*a, **kw))
+    result = run_training(tiny_recipe(tiny_model_dir, tmp_path / "run", "train.max_steps=2",
+                                      "eval.after_train=[perplexity]"))
+    assert calls == [False, True]  # the base before training, the tuned model after; no second base pass
+    compared = json.loads((result.run_dir / "eval" / "perplexity.json").read_text())["perplexity"]
+    assert compared["base"]["perplexity"] == result.metrics["base_eval_ppl"]
+    assert compared["tuned"]["perplexity"] == pytest.approx(result.metrics["eval_ppl"], rel=1e-4)
+    assert compared["delta"]["perplexity"]["n"] == 6
+    assert (result.run_dir / "plots" / "perplexity.png").is_file()

@@ -92,7 +92,8 @@ def run_worker(system: str, cfg: dict) -> dict:
         loaded = load_for_inference(cfg["model_dir"])
 
         def answer(prompt: str) -> tuple[int, float, float]:
-            return _timed(lambda clock: generate(loaded, user_turn(prompt), max_new_tokens=n, streamer=clock))
+            return _timed(lambda clock: generate(loaded, user_turn(prompt), max_new_tokens=n, streamer=clock,
+                                                         repetition_penalty=1.0, no_repeat_ngram_size=0))
 
         dtype = str(loaded.autocast or next(loaded.model.parameters()).dtype)
     answer(prompts[0])  # warm-up

@@ -121,13 +121,16 @@ def _statistics(task: str) -> dict[str, tuple]:
     return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True)}
 
 
-def run_task(loaded: Loaded, task: str, opts: EvalOptions) -> TaskResult:
-    """One task on the loaded model (and, with compare_base, on its base: adapter off, same items)."""
-    cache: dict = {}
+def run_task(loaded: Loaded, task: str, opts: EvalOptions, cache: dict | None = None,
+             base: tuple | None = None) -> TaskResult:
+    """One task on the loaded model (and, with compare_base, on its base: adapter off, same items). `cache` may
+    already hold the task's items (perplexity: "samples"); `base` is the base's (metrics, rows, subtasks) on those
+    items, measured earlier, and replaces the base pass."""
+    cache = {} if cache is None else cache
     metrics, rows, subtasks = RUNNERS[task](loaded, opts, True, cache)
     if not opts.compare_base:
         return TaskResult(task, metrics, subtasks=subtasks)
-    base, base_rows, base_subtasks = RUNNERS[task](loaded, opts, False, cache)
+    base, base_rows, base_subtasks = base if base is not None else RUNNERS[task](loaded, opts, False, cache)
     delta = {metric: paired_bootstrap(np.asarray(base_rows), np.asarray(rows), stat, iters=opts.bootstrap,
                                       higher_is_better=higher)
              for metric, (stat, higher) in _statistics(task).items()}
@@ -136,14 +139,16 @@ def run_task(loaded: Loaded, task: str, opts: EvalOptions) -> TaskResult:
     return TaskResult(task, metrics, base, delta, subtasks)
 
 
-def run_eval(opts: EvalOptions, loaded: Loaded | None = None) -> list[TaskResult]:
-    """Every task of opts on one loaded model (loaded here unless given)."""
+def run_eval(opts: EvalOptions, loaded: Loaded | None = None, caches: dict[str, dict] | None = None,
+             bases: dict[str, tuple] | None = None) -> list[TaskResult]:
+    """Every task of opts on one loaded model (loaded here unless given); `caches`/`bases` by task, see run_task."""
     check_options(opts)
     if loaded is None:
         from medtune.generate import load_for_inference
 
         loaded = load_for_inference(opts.model, device=opts.device, precision=opts.precision)
-    return [run_task(loaded, task, opts) for task in opts.tasks]
+    caches, bases = caches or {}, bases or {}
+    return [run_task(loaded, task, opts, caches.get(task), bases.get(task)) for task in opts.tasks]
 
 
 def parse_paths(values: list[str] | None, tasks: list[str], flag: str) -> dict[str, str]:
@@ -165,14 +170,20 @@ def parse_tasks(values: list[str]) -> list[str]:
     return list(dict.fromkeys(t.strip() for v in values for t in v.split(",") if t.strip()))
 
 
-def after_train(recipe, run_dir, loaded: Loaded) -> list[TaskResult]:
-    """The recipe's `eval.after_train` tasks on the freshly trained model, written to RUN/eval and the card."""
+def after_train(recipe, run_dir, loaded: Loaded, held_out=None, base_perplexity=None) -> list[TaskResult]:
+    """The recipe's `eval.after_train` tasks on the freshly trained model, written to RUN/eval and the card.
+    `base_perplexity`: the base model's Perplexity on the `held_out` samples, measured before training; the
+    perplexity task then scores those samples and reuses it instead of a second base pass."""
     cfg = recipe.eval
+    caches, bases = {}, {}
+    if base_perplexity is not None and cfg.compare_base and not cfg.limit:
+        caches["perplexity"] = {"samples": held_out}
+        bases["perplexity"] = (base_perplexity.metrics(), [list(d) for d in base_perplexity.docs], {})
     data = {t: getattr(cfg, t) for t in cfg.after_train if t != "perplexity" and getattr(cfg, t)}
     opts = EvalOptions(model=str(run_dir), tasks=list(cfg.after_train), data=data, fewshot=cfg.fewshot,
                        fewshot_data=dict(cfg.fewshot_data), limit=cfg.limit, batch_size=16,
                        compare_base=cfg.compare_base)
-    results = run_eval(opts, loaded)
+    results = run_eval(opts, loaded, caches, bases)
     write_run_results(run_dir, results, model=str(run_dir), command="eval.after_train", fewshot=cfg.fewshot,
                       limit=cfg.limit)
     return results

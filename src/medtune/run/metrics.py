@@ -6,7 +6,7 @@ runs/<name>/
   tensorboard/       event files            (report_to: tensorboard)
   wandb/             offline W&B run        (report_to: wandb; `wandb sync` uploads it later)
   mlflow.db          local MLflow store     (report_to: mlflow; `mlflow ui --backend-store-uri sqlite:///...`)
-  plots/*.png        loss, learning rate, gradient norm
+  plots/*.png        loss, learning rate, gradient norm; perplexity.png: held-out base vs tuned bars
 ```
 
 The trackers live here, with metrics.jsonl, not in train/: they write into the run directory and mirror exactly
@@ -91,8 +91,9 @@ class RunDir:
         with path.open(encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    def plots(self) -> list[Path]:
-        """Draw plots/loss.png, learning_rate.png and grad_norm.png from metrics.jsonl; skip a plot with no data."""
+    def plots(self, final: dict[str, float] | None = None) -> list[Path]:
+        """Draw plots/loss.png, learning_rate.png and grad_norm.png from metrics.jsonl, and plots/perplexity.png
+        from the `final` metrics (base_eval_ppl, eval_ppl); skip a plot with no data."""
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
@@ -117,6 +118,12 @@ class RunDir:
             out.parent.mkdir(exist_ok=True)
             fig.savefig(out, dpi=100)
             written.append(out)
+        final = final or {}
+        if "base_eval_ppl" in final and "eval_ppl" in final:
+            out = self.path / "plots" / "perplexity.png"
+            out.parent.mkdir(exist_ok=True)
+            perplexity_figure(final["base_eval_ppl"], final["eval_ppl"]).savefig(out, dpi=100)
+            written.append(out)
         return written
 
     def close(self) -> None:
@@ -128,6 +135,21 @@ class RunDir:
             except Exception as e:
                 log.warning("%s tracker did not close cleanly: %s", tracker.name, _one_line(e))
         self._metrics_file.close()
+
+
+def perplexity_figure(base: float, tuned: float):
+    """Held-out perplexity of the base and the tuned model as two labelled bars (lower is better)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.8, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    bars = ax.bar(["base model", "tuned model"], [base, tuned], color=["#9e9e9e", "#1f77b4"], width=0.6)
+    ax.bar_label(bars, labels=[f"{base:.2f}", f"{tuned:.2f}"], padding=3)
+    ax.set(title="Held-out perplexity (lower is better)", ylabel="perplexity", ylim=(0, max(base, tuned) * 1.15))
+    ax.grid(axis="y", alpha=0.3)
+    return fig
 
 
 # --- trackers -------------------------------------------------------------------------------------------------

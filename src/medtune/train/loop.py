@@ -237,6 +237,9 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
     if pairs and cfg.packing:
         log.info("train.packing is off for train.objective=%s: a pair's chosen and rejected answers share a batch",
                  cfg.objective)
+    if recipe.samples.from_eval and recipe.data.format == "text":
+        raise MedtuneError("samples.from_eval needs prompts: a chat data format, not data.format=text",
+                           field="samples.from_eval")
     plan = BatchPlan([s.length if pairs else len(s.input_ids) for s in data.train], cfg.batch_size, cfg.seed,
                      packing=cfg.packing and not pairs,
                      group_by_length=cfg.group_by_length, max_length=recipe.data.max_length)
@@ -265,12 +268,22 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
     can_eval = dist.is_main and not dist.sharded  # evaluation calls the model outside a sharding engine
     evaluate_kw = dict(pad_id=chat.pad_token_id, batch_size=cfg.batch_size, device=device, autocast=autocast,
                        objective=cfg.objective, beta=cfg.beta)
-    if cfg.eval_before and data.eval and not state.base_eval and can_eval:
+    base_ppl = None  # the base model's held-out perplexity per text: eval.after_train reuses it, never recomputes
+    if cfg.eval_before and data.eval and not state.base_eval and can_eval and pairs:
         base = evaluate(model, data.eval, **evaluate_kw)
         state.base_eval = {f"base_{k}": v for k, v in base.items()}
-        log.info("base model on held-out data: loss %.4f%s", base["eval_loss"],
-                 f", perplexity {base['eval_ppl']:.2f}" if "eval_ppl" in base else "")
-        tracker.log({k: base[k] for k in ("eval_loss", "eval_ppl") if k in base}, step=0)
+        log.info("base model on held-out pairs: loss %.4f", base["eval_loss"])
+        tracker.log({"eval_loss": base["eval_loss"]}, step=0)
+    elif cfg.eval_before and data.eval and not state.base_eval and can_eval:
+        from medtune.eval.perplexity import perplexity
+
+        # one window per text (texts are at most max_length): the same figure as `evaluate`, kept per text
+        base_ppl = perplexity(_loaded(recipe, model, tok, chat, bf16), data.eval, batch_size=cfg.batch_size,
+                              use_adapter=False, progress=False)
+        state.base_eval = {"base_eval_loss": base_ppl.loss, "base_eval_ppl": base_ppl.perplexity,
+                           "base_eval_tokens": base_ppl.tokens}
+        log.info("base model on held-out data: loss %.4f, perplexity %.2f", base_ppl.loss, base_ppl.perplexity)
+        tracker.log({"eval_loss": base_ppl.loss, "eval_ppl": base_ppl.perplexity}, step=0)
 
     # ---- train ---------------------------------------------------------------------------------------------
     if dist.is_main:
@@ -397,8 +410,8 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
         final = evaluate(model, data.eval, **evaluate_kw)
         tracker.log(final, step=state.step)
         metrics.update(final)
-    samples = _sample_answers(recipe, model, tok, chat, bf16) if can_eval else []
-    tracker.plots()
+    samples = _sample_answers(recipe, model, tok, chat, bf16, data) if can_eval else []
+    tracker.plots(metrics)
     tracker.close()
     (run_dir / METRICS_FINAL).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     (run_dir / SAMPLES).write_text(json.dumps(samples, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -406,7 +419,8 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
     if recipe.eval.after_train and can_eval:
         from medtune.eval.suite import after_train
 
-        after_train(recipe, run_dir, _loaded(recipe, model, tok, chat, bf16))
+        after_train(recipe, run_dir, _loaded(recipe, model, tok, chat, bf16), held_out=data.eval,
+                    base_perplexity=base_ppl)
     return TrainResult(run_dir, metrics, samples)
 
 
@@ -446,18 +460,39 @@ def _optimizer(cfg, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.optimizer == "adamw_fused")
 
 
-def _sample_answers(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool) -> list[dict]:
-    """Greedy answers of the base (adapter off) and the tuned model to the recipe's sample prompts."""
-    if not recipe.samples.prompts:
+def _sample_answers(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool, data: PreparedData) -> list[dict]:
+    """Answers of the base (adapter off) and the tuned model to the recipe's sample prompts, then to the prompts of
+    the first `samples.from_eval` held-out rows; greedy, with the recipe's repetition control."""
+    cfg = recipe.samples
+    conversations = [user_turn(p, recipe.tokenizer.system_prompt) for p in cfg.prompts]
+    conversations += held_out_prompts(recipe, data, cfg.from_eval)
+    if not conversations:
         return []
     loaded = _loaded(recipe, model, tok, chat, bf16)
+    kw = {"max_new_tokens": cfg.max_new_tokens, **{k: v for k, v in (("repetition_penalty", cfg.repetition_penalty),
+                                                                     ("no_repeat_ngram_size", cfg.no_repeat_ngram_size))
+                                                   if v is not None}}
     was_training = model.training
     model.eval()
     out = []
-    for prompt in recipe.samples.prompts:
-        messages = user_turn(prompt, recipe.tokenizer.system_prompt)
-        kw = dict(max_new_tokens=recipe.samples.max_new_tokens)
-        out.append({"prompt": prompt, "base": generate(loaded, messages, use_adapter=False, **kw),
+    for messages in conversations:
+        out.append({"prompt": messages[-1]["content"], "base": generate(loaded, messages, use_adapter=False, **kw),
                     "tuned": generate(loaded, messages, **kw)})
     model.train(was_training)
+    return out
+
+
+def held_out_prompts(recipe: Recipe, data: PreparedData, n: int) -> list[list[dict]]:
+    """The conversations of the first n held-out rows up to their first answer (rows the model never trained on)."""
+    if n == 0 or not data.eval:
+        return []
+    from medtune.data.formats import to_example
+    from medtune.data.readers import read_rows
+
+    wanted = [(s.source, s.row) for s in data.eval[:n]]
+    rows = {(r.source, r.number): r for r in read_rows(recipe.data.eval_path or recipe.data.path, recipe.data.split)}
+    out = []
+    for key in wanted:
+        messages = to_example(rows[key], recipe.data, recipe.tokenizer.system_prompt).messages
+        out.append(messages[: next(i for i, m in enumerate(messages) if m["role"] == "assistant")])
     return out
