@@ -53,14 +53,14 @@ def hub_token() -> str:
 
 def base_hub_id(run: Path, base_model: str | None) -> str:
     """The hub id of the run's base: `base_model` if given, else the alias's id or the hub id it trained from."""
-    from medtune.train.rundir import _hub_id
+    from medtune.run.card import hub_id_of
 
     if base_model is not None:
         if not REPO_ID.fullmatch(base_model):
             raise MedtuneError(f"base model '{base_model}' is not a hub id ORG/NAME", field="--base-model")
         return base_model
     name = read_run_meta(run).base_model
-    hub_id = _hub_id(name)
+    hub_id = hub_id_of(name)
     if hub_id is None:
         raise MedtuneError(f"the run's base model is the local folder '{name}', which the Hub cannot resolve; give "
                            "its hub id with --base-model ORG/NAME", file=str(run / "medtune.json"))
@@ -86,6 +86,11 @@ def prepare_upload(folder: Path, run: Path, repo_id: str, hub_id: str) -> None:
     meta = read_run_meta(run)
     replace = {str(run.resolve()): repo_id, str(Path(meta.base_model_path).resolve()): hub_id,
                meta.base_model_path: hub_id}
+    card = folder / CARD
+    if card.is_file() and (folder / ADAPTER[0]).is_file():  # an adapter push: the card names the repository and base
+        from medtune.run.card import render_card
+
+        card.write_text(render_card(run, repo_id=repo_id, base_hub_id=hub_id), encoding="utf-8")
     config = folder / "adapter_config.json"
     if config.is_file():
         data = json.loads(config.read_text(encoding="utf-8"))

@@ -143,7 +143,7 @@ def test_metrics_jsonl_is_plain_json(tmp_path):
 
 
 def test_perplexity_bars_are_labelled(tmp_path):
-    from medtune.train.rundir import perplexity_figure
+    from medtune.run.metrics import perplexity_figure
 
     fig = perplexity_figure(15.544, 8.417)
     ax = fig.axes[0]

@@ -8,6 +8,7 @@ once, and the card names no local absolute path: a local model or data file appe
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import os
@@ -57,9 +58,13 @@ def write_card(run_dir: str | Path) -> Path:
     return out
 
 
-def render_card(run_dir: str | Path) -> str:
+def render_card(run_dir: str | Path, *, repo_id: str | None = None, base_hub_id: str | None = None) -> str:
+    """The card of a run; `medtune push` passes the Hub repository it uploads to (then named in "How to use") and
+    the base model's hub id (for a run trained from a local folder)."""
     run_dir = Path(run_dir)
     meta = read_run_meta(run_dir)
+    if base_hub_id:
+        meta = dataclasses.replace(meta, base_model=base_hub_id)
     recipe = _read_yaml(run_dir / RECIPE)
     metrics = _read_json(run_dir / METRICS_FINAL)
     evals = read_evals(run_dir)
@@ -77,7 +82,7 @@ def render_card(run_dir: str | Path) -> str:
         ("Plots", "\n\n".join(f"![{p.stem.replace('_', ' ')}]({Path(os.path.relpath(p, run_dir)).as_posix()})"
                               for p in sorted((run_dir / PLOTS).glob("*.png"))) or "No metrics were logged."),
         ("Sample answers", samples(_read_json(run_dir / SAMPLES, []))),
-        ("How to use", usage(hub_id or _public_name(meta.base_model), _run_ref(run_dir))),
+        ("How to use", usage(hub_id or _public_name(meta.base_model), repo_id or _run_ref(run_dir))),
         ("Versions", table(["package", "version"], [(k, v or "not installed") for k, v in meta.versions.items()])
          if meta.versions else "Not recorded."),
         ("Hardware", "\n".join(f"- {k.capitalize()}: {v}" for k, v in meta.hardware.items()) or "Not recorded."),
