@@ -14,7 +14,7 @@ from medtune.data.formats import RowError, to_example
 from medtune.data.readers import Row, read_rows
 from medtune.data.render import IGNORE, Dropped, Sample, render
 from medtune.errors import MedtuneError
-from medtune.recipe import Recipe
+from medtune.recipe import DataConfig, DataSource, Recipe
 from medtune.tokenizer import ChatSetup
 
 
@@ -38,6 +38,7 @@ class DataReport:
     eval: PartReport
     eval_source: str
     example: str = ""  # the first training example, answer tokens between « and »
+    sources: dict[str, dict] = field(default_factory=dict)  # mixing: spec → {probability, read, used}; {} = data.path alone
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +56,8 @@ class DataReport:
             out.append(f"  {name}: {part.tokens} tokens, {part.loss_tokens} carry loss; length {pct}")
         if self.eval.rows:
             out.append(f"  eval rows from: {self.eval_source}")
+        for spec, n in self.sources.items():
+            out.append(f"  source {spec}: p={n['probability']:.3f}, {n['read']} rows read, {n['used']} rows in the mix")
         if self.example:
             out.append("first training example (« » marks the tokens that carry loss):")
             out.append(self.example)
@@ -86,12 +89,13 @@ def marked_text(tok, sample: Sample) -> str:
     return "".join(pieces)
 
 
-def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup) -> tuple[list[Sample], PartReport]:
-    cfg = recipe.data
+def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup,
+                 formats: list[DataConfig]) -> tuple[list[Sample], PartReport]:
+    """formats: each row's data settings (recipe.data, or its source's settings over it when mixing)."""
     report = PartReport(rows=len(rows))
     dropped: Counter[str] = Counter()
     samples = []
-    for row in rows:
+    for row, cfg in zip(rows, formats, strict=True):
         try:
             sample, truncated = render(to_example(row, cfg, recipe.tokenizer.system_prompt), tok, cfg, chat.stop_tokens)
         except Dropped as d:
@@ -119,7 +123,7 @@ class PreparedData:
     report: DataReport
 
 
-def split_rows(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], list[Row]]:
+def split_rows(rows: list, ratio: float, seed: int) -> tuple[list, list]:
     if ratio <= 0 or len(rows) < 2:
         return rows, []
     order = list(range(len(rows)))
@@ -129,23 +133,78 @@ def split_rows(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], lis
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+def _read_source(spec: str, split: str, limit: int | None, where: str) -> list[Row]:
+    try:
+        rows = read_rows(spec, split)
+    except MedtuneError as e:
+        if e.field != "data.path":
+            raise
+        raise MedtuneError(e.reason, file=e.file, row=e.row, field=where) from None
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise MedtuneError("no rows to train on", file=spec, field=where)
+    return rows
+
+
+def mix_sources(recipe: Recipe) -> tuple[list[Row], list[DataConfig], dict[str, dict]]:
+    """data.sources (or data.path) plus data.replay → one seeded interleaving of their rows.
+
+    The sampling is datasets.interleave_datasets' own, on datasets of row indices (sources may have different
+    columns, which interleave_datasets cannot mix); the rows are then looked up. Returns the rows, each row's data
+    settings (its source's format, columns and templates over data.*) and the per-source counts for the report.
+    """
+    from datasets import Dataset, interleave_datasets
+
+    cfg = recipe.data
+    sources = cfg.sources or [DataSource(path=cfg.path)]
+    where = [f"data.sources[{i}].path" for i in range(len(cfg.sources))] or ["data.path"]
+    weights = [s.weight for s in sources]
+    probabilities = [w / sum(weights) * (1 - cfg.replay.share if cfg.replay.path else 1) for w in weights]
+    formats = [cfg.model_copy(update={k: v for k, v in s.model_dump(exclude={"weight"}).items() if v is not None})
+               for s in sources]
+    if cfg.replay.path:
+        sources = [*sources, DataSource(path=cfg.replay.path, format=cfg.replay.format, columns=cfg.replay.columns)]
+        where.append("data.replay.path")
+        probabilities.append(cfg.replay.share)
+        formats.append(cfg.model_copy(update={"path": cfg.replay.path, "format": cfg.replay.format,
+                                              "columns": cfg.replay.columns}))
+    read = [_read_source(s.path, cfg.split, cfg.limit, w) for s, w in zip(sources, where, strict=True)]
+    indexed = [Dataset.from_dict({"source": [i] * len(rows), "index": list(range(len(rows)))})
+               for i, rows in enumerate(read)]
+    mixed = interleave_datasets(indexed, probabilities=probabilities, seed=recipe.train.seed,
+                                stopping_strategy=cfg.stopping_strategy)
+    picks = list(zip(mixed["source"], mixed["index"], strict=True))
+    used = Counter(i for i, _ in picks)
+    counts = {}
+    for i, s in enumerate(sources):
+        name = s.path if s.path not in counts else f"{s.path} #{i}"
+        counts[name] = {"probability": probabilities[i], "read": len(read[i]), "used": used[i]}
+    return [read[i][j] for i, j in picks], [formats[i] for i, _ in picks], counts
+
+
 def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     cfg = recipe.data
-    rows = read_rows(cfg.path, cfg.split)
-    if cfg.limit:
-        rows = rows[: cfg.limit]
-    if not rows:
-        raise MedtuneError("no rows to train on", file=cfg.path, field="data.path")
-    if cfg.eval_path:
-        train_rows, eval_rows, eval_source = rows, read_rows(cfg.eval_path, cfg.split), cfg.eval_path
+    if cfg.sources or cfg.replay.path:
+        rows, formats, counts = mix_sources(recipe)
+        source = " + ".join(counts)
     else:
-        train_rows, eval_rows = split_rows(rows, cfg.eval_ratio, recipe.train.seed)
-        eval_source = f"{cfg.path} (held out: {cfg.eval_ratio:.0%}, seed {recipe.train.seed})"
-    train, train_report = _render_rows(train_rows, recipe, tok, chat)
-    evals, eval_report = _render_rows(eval_rows, recipe, tok, chat)
+        rows, counts, source = _read_source(cfg.path, cfg.split, cfg.limit, "data.path"), {}, cfg.path
+        formats = [cfg] * len(rows)
+    if cfg.eval_path:
+        train_idx, eval_source = list(range(len(rows))), cfg.eval_path
+        eval_rows = read_rows(cfg.eval_path, cfg.split)
+        eval_formats = [cfg] * len(eval_rows)
+    else:  # split indices, so that each row keeps its source's data settings
+        train_idx, eval_idx = split_rows(list(range(len(rows))), cfg.eval_ratio, recipe.train.seed)
+        eval_rows, eval_formats = [rows[i] for i in eval_idx], [formats[i] for i in eval_idx]
+        eval_source = f"{source} (held out: {cfg.eval_ratio:.0%}, seed {recipe.train.seed})"
+    train_rows, train_formats = [rows[i] for i in train_idx], [formats[i] for i in train_idx]
+    train, train_report = _render_rows(train_rows, recipe, tok, chat, train_formats)
+    evals, eval_report = _render_rows(eval_rows, recipe, tok, chat, eval_formats)
     if not train:
-        raise MedtuneError(f"every row was dropped ({train_report.dropped}); nothing to train on", file=cfg.path,
+        raise MedtuneError(f"every row was dropped ({train_report.dropped}); nothing to train on", file=source,
                            field="data.path")
-    report = DataReport(cfg.path, cfg.format, cfg.max_length, train_report, eval_report, eval_source,
-                        example=marked_text(tok, train[0]))
+    fmt = ", ".join(dict.fromkeys(f.format for f in formats))
+    report = DataReport(source, fmt, cfg.max_length, train_report, eval_report, eval_source,
+                        example=marked_text(tok, train[0]), sources=counts)
     return PreparedData(train, evals, report)

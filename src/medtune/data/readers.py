@@ -18,7 +18,8 @@ from typing import Any
 
 from medtune.errors import MedtuneError
 
-DEMO_FILES = {"terms": "terms.jsonl", "doctor_chats": "doctor_chats.jsonl", "remedies": "remedies.csv", "qa": "qa.jsonl"}
+DEMO_FILES = {"terms": "terms.jsonl", "doctor_chats": "doctor_chats.jsonl", "remedies": "remedies.csv", "qa": "qa.jsonl",
+              "general": "general.jsonl"}
 
 
 @dataclass

@@ -13,7 +13,7 @@ from medtune.eval.suite import TaskResult
 from medtune.train.rundir import _number, _table
 
 EVAL_DIR = "eval"
-_SHOWN = ("acc", "acc_norm", "perplexity", "loss", "tokens", "rougeL", "bleu", "n")
+_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu", "n")
 _SECTION = re.compile(r"^## Evaluations\n.*?(?=^## )", re.S | re.M)
 
 

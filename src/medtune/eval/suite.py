@@ -1,7 +1,7 @@
 """`medtune eval`: load the model once, run each task (tuned, and base with the adapter off), compare, report.
 
 Every task yields metrics plus per-item rows, so `--compare-base` can run a paired bootstrap on the same items:
-  benchmarks  rows [acc, acc_norm]             metrics acc, acc_norm (+ stderr)
+  benchmarks  rows [acc, acc_norm, confidence, Brier]  metrics acc, acc_norm (+ stderr), ece, brier
   perplexity  rows [summed NLL, tokens]        metric perplexity (lower is better)
   rouge       rows [ROUGE-L, BLEU statistics]  metrics rougeL, bleu
 """
@@ -15,6 +15,7 @@ import numpy as np
 
 from medtune.errors import MedtuneError
 from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
+from medtune.eval.calibration import ece
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
 from medtune.generate import Loaded, is_run_dir
 
@@ -87,7 +88,8 @@ def _benchmark(task: str):
             cache["lm"] = make_lm(loaded, opts.batch_size)
         r = run_benchmark(loaded, task, opts.data[task], fewshot=opts.fewshot, fewshot_data=opts.fewshot_data.get(task),
                           limit=opts.limit, use_adapter=use_adapter, lm=cache["lm"])
-        return r.metrics, [[i["acc"], i["acc_norm"]] for i in r.items], r.subtasks
+        rows = [[i["acc"], i["acc_norm"], i["confidence"], i["brier"]] for i in r.items]
+        return r.metrics, rows, r.subtasks
     return run
 
 
@@ -130,7 +132,8 @@ def _statistics(task: str) -> dict[str, tuple]:
         from medtune.eval.rouge import bleu, rouge_l
 
         return {"rougeL": (rouge_l, True), "bleu": (lambda rows: bleu(rows.tolist()), True)}
-    return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True)}
+    return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True),
+            "ece": (lambda rows: ece(rows[:, 2], rows[:, 0]), False), "brier": (mean_of(3), False)}
 
 
 def run_task(loaded: Loaded, task: str, opts: EvalOptions) -> TaskResult:
