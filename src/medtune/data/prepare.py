@@ -38,7 +38,7 @@ class DataReport:
     eval: PartReport
     eval_source: str
     example: str = ""  # the first training example, answer tokens between « and »
-    sources: dict[str, dict] = field(default_factory=dict)  # mixing: spec → {probability, read, used}; {} = data.path alone
+    sources: dict[str, dict] = field(default_factory=dict)  # mixing: spec → {format, probability, read, used}; {} = data.path alone
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,7 +57,8 @@ class DataReport:
         if self.eval.rows:
             out.append(f"  eval rows from: {self.eval_source}")
         for spec, n in self.sources.items():
-            out.append(f"  source {spec}: p={n['probability']:.3f}, {n['read']} rows read, {n['used']} rows in the mix")
+            out.append(f"  source {spec} ({n['format']}): p={n['probability']:.3f}, {n['read']} rows read, "
+                       f"{n['used']} rows in the mix")
         if self.example:
             out.append("first training example (« » marks the tokens that carry loss):")
             out.append(self.example)
@@ -178,7 +179,8 @@ def mix_sources(recipe: Recipe) -> tuple[list[Row], list[DataConfig], dict[str, 
     counts = {}
     for i, s in enumerate(sources):
         name = s.path if s.path not in counts else f"{s.path} #{i}"
-        counts[name] = {"probability": probabilities[i], "read": len(read[i]), "used": used[i]}
+        counts[name] = {"format": formats[i].format, "probability": probabilities[i], "read": len(read[i]),
+                        "used": used[i]}
     return [read[i][j] for i, j in picks], [formats[i] for i, _ in picks], counts
 
 
@@ -204,7 +206,7 @@ def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     if not train:
         raise MedtuneError(f"every row was dropped ({train_report.dropped}); nothing to train on", file=source,
                            field="data.path")
-    fmt = ", ".join(dict.fromkeys(f.format for f in formats))
+    fmt = ", ".join(dict.fromkeys(c["format"] for c in counts.values())) or cfg.format
     report = DataReport(source, fmt, cfg.max_length, train_report, eval_report, eval_source,
                         example=marked_text(tok, train[0]), sources=counts)
     return PreparedData(train, evals, report)
