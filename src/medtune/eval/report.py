@@ -73,7 +73,7 @@ def write_run_results(run_dir: str | Path, results: list[TaskResult], **context)
 
 def card_section(run_dir: str | Path) -> str:
     """The model card's Evaluations section, from every RUN/eval/*.json."""
-    rows = []
+    rows, forgetting = [], []
     for path in sorted((Path(run_dir) / EVAL_DIR).glob("*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
         for task, result in data.items():
@@ -86,12 +86,41 @@ def card_section(run_dir: str | Path) -> str:
                                  + ("" if d["significant"] else " (not significant)")))
             else:
                 rows += [(task, m, "", _value(result, m), "") for m in _SHOWN if m in result and m != "n"]
+        forgetting += _forgetting_rows(data)
     if not rows:
         return ""
     table = _table(["task", "metric", "base", "tuned", "delta [95% CI]"], rows)
-    return ("## Evaluations\n\nFrom `medtune eval` (RUN/eval/*.json). Benchmarks are scored by log-likelihood with "
-            "lm-evaluation-harness (± standard error); deltas carry a 95% paired-bootstrap interval. Benchmark scores "
-            "are not evidence of clinical safety.\n\n" + table + "\n\n")
+    text = ("## Evaluations\n\nFrom `medtune eval` (RUN/eval/*.json). Benchmarks are scored by log-likelihood with "
+            "lm-evaluation-harness (± standard error); ece and brier measure calibration (lower is better); deltas "
+            "carry a 95% paired-bootstrap interval. Benchmark scores are not evidence of clinical safety.\n\n" + table)
+    if forgetting:
+        text += ("\n\n### Forgetting check\n\nBase vs tuned on the same items. \"forgot\" = significantly worse at "
+                 "the 5% level (the 95% interval excludes 0 on the bad side); general = data outside the medical "
+                 "domain (`--data perplexity=demo:general`).\n\n"
+                 + _table(["domain", "task", "metric", "base", "tuned", "delta [95% CI]", "verdict"], forgetting))
+    return text + "\n\n"
+
+
+_HEADLINE = {"perplexity": ("perplexity",), "rouge": ("rougeL",)}  # benchmarks: acc and calibration
+GENERAL_DATA = ("demo:general",)
+
+
+def _forgetting_rows(data: dict) -> list[tuple]:
+    """One row per compared headline metric: domain, base, tuned, delta [CI] and improved / no significant change /
+    forgot."""
+    rows = []
+    for task, result in data.items():
+        if task.startswith("_") or "delta" not in result:
+            continue
+        general = data.get("_meta", {}).get("data", {}).get(task) in GENERAL_DATA
+        for metric in _HEADLINE.get(task, ("acc", "ece", "brier")):
+            d = result["delta"].get(metric)
+            if d is None:
+                continue
+            word = "no significant change" if not d["significant"] else ("improved" if d["better"] else "forgot")
+            rows.append(("general" if general else "medical", task, metric, _number(d["base"]), _number(d["tuned"]),
+                         f"{d['delta']:+.4g} [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]", word))
+    return rows
 
 
 def update_card(run_dir: str | Path) -> Path | None:
