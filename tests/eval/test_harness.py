@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from medtune.eval.harness import make_lm, offline_env, prepare_tasks, run_benchmark
 from medtune.eval.calibration import ece
+from medtune.eval.harness import make_lm, offline_env, prepare_tasks, run_benchmark
 from medtune.generate import load_for_inference
 
 QUESTIONS = [("What is the usual treatment for {c}?", "Rest and fluids"), ("Which organ does {c} affect?", "The lungs"),
@@ -70,7 +70,7 @@ def test_simple_evaluate_end_to_end_matches_stock_hflm(loaded, medqa_file, tmp_p
 
     probs = [torch.softmax(torch.tensor([r[0] for r in s["filtered_resps"]], dtype=torch.float64), 0) for s in per_item]
     gold = [s["target"] for s in per_item]
-    brier = [float(((p - torch.nn.functional.one_hot(torch.tensor(g), len(p))) ** 2).sum()) for p, g in zip(probs, gold)]
+    brier = [float(((p - torch.nn.functional.one_hot(torch.tensor(g), len(p))) ** 2).sum()) for p, g in zip(probs, gold, strict=True)]
     assert ours.metrics["brier"] == pytest.approx(sum(brier) / len(brier), rel=1e-4)
     assert [i["confidence"] for i in ours.items] == pytest.approx([float(p.max()) for p in probs], rel=1e-4)
     assert ours.metrics["ece"] == pytest.approx(ece([float(p.max()) for p in probs],
