@@ -190,6 +190,6 @@ def after_train(recipe, run_dir, loaded: Loaded) -> list[TaskResult]:
                        fewshot_data=dict(cfg.fewshot_data), limit=cfg.limit, batch_size=16,
                        compare_base=cfg.compare_base)
     results = run_eval(opts, loaded)
-    write_run_results(run_dir, results, model=str(run_dir), command="eval.after_train", fewshot=cfg.fewshot,
+    write_run_results(run_dir, results, model=str(run_dir), command="eval.after_train", fewshot=cfg.fewshot, data=data,
                       limit=cfg.limit)
     return results
