@@ -53,8 +53,8 @@ def test_sources_mix_in_the_seeded_interleave_proportions(tiny_tokenizer, write_
     want = reference_counts([30, 12], [0.75, 0.25], recipe.train.seed, strategy)
     got = Counter(s.source for s in data.train)
     assert (got[qa], got[ins]) == (want[0], want[1])
-    assert data.report.sources[qa] == {"format": "qa", "probability": 0.75, "read": 30, "used": want[0]}
-    assert data.report.sources[ins] == {"format": "instruction", "probability": 0.25, "read": 12, "used": want[1]}
+    assert data.report.sources[qa] == {"format": "qa", "probability": 0.75, "read": 30, "held_out": 0, "used": want[0]}
+    assert data.report.sources[ins] == {"format": "instruction", "probability": 0.25, "read": 12, "held_out": 0, "used": want[1]}
     if strategy == "all_exhausted":  # every row of the smaller source was drawn at least once
         assert {s.row for s in data.train if s.source == ins} == set(range(1, 13))
 
@@ -85,6 +85,18 @@ def test_replay_share_of_general_data(tiny_tokenizer, write_file, files):
     assert len(data.train) == want[0] + want[1]
     assert abs(want[1] / (want[0] + want[1]) - 0.2) < 0.05  # all_exhausted draws until all 80 rows were seen
     assert any(f"source {general} (qa): p=0.200" in line for line in data.report.lines())
+
+
+def test_held_out_rows_are_split_per_source_before_the_mix_repeats_any(tiny_tokenizer, write_file, files):
+    qa, ins = files
+    recipe = recipe_file(write_file, {"eval_ratio": 0.25, "sources": [{"path": qa, "format": "qa"},
+                                                                      {"path": ins, "format": "instruction"}]})
+    data = prepared(tiny_tokenizer, recipe)
+    train, held = {(s.source, s.row) for s in data.train}, {(s.source, s.row) for s in data.eval}
+    assert not train & held and len(held) == len(data.eval) == 8 + 3  # round(30 x 0.25), round(12 x 0.25)
+    assert (data.report.sources[qa]["held_out"], data.report.sources[ins]["held_out"]) == (8, 3)
+    want = reference_counts([22, 9], [0.5, 0.5], recipe.train.seed, "all_exhausted")
+    assert Counter(s.source for s in data.train) == {qa: want[0], ins: want[1]}
 
 
 def test_single_path_unchanged_without_sources(tiny_tokenizer, write_file, files):

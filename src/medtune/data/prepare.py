@@ -38,7 +38,8 @@ class DataReport:
     eval: PartReport
     eval_source: str
     example: str = ""  # the first training example, answer tokens between « and »
-    sources: dict[str, dict] = field(default_factory=dict)  # mixing: spec → {format, probability, read, used}; {} = data.path alone
+    sources: dict[str, dict] = field(default_factory=dict)  # mixing: spec → {format, probability, read, held_out,
+    # used (training rows drawn, repeats counted)}; {} = data.path alone
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +59,7 @@ class DataReport:
             out.append(f"  eval rows from: {self.eval_source}")
         for spec, n in self.sources.items():
             out.append(f"  source {spec} ({n['format']}): p={n['probability']:.3f}, {n['read']} rows read, "
-                       f"{n['used']} rows in the mix")
+                       f"{n['held_out']} held out, {n['used']} training rows drawn")
         if self.example:
             out.append("first training example (« » marks the tokens that carry loss):")
             out.append(self.example)
@@ -124,7 +125,7 @@ class PreparedData:
     report: DataReport
 
 
-def split_rows(rows: list, ratio: float, seed: int) -> tuple[list, list]:
+def split_rows(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], list[Row]]:
     if ratio <= 0 or len(rows) < 2:
         return rows, []
     order = list(range(len(rows)))
@@ -147,12 +148,14 @@ def _read_source(spec: str, split: str, limit: int | None, where: str) -> list[R
     return rows
 
 
-def mix_sources(recipe: Recipe) -> tuple[list[Row], list[DataConfig], dict[str, dict]]:
-    """data.sources (or data.path) plus data.replay → one seeded interleaving of their rows.
+def mix_sources(recipe: Recipe) -> tuple[list[Row], list[DataConfig], list[Row], list[DataConfig], dict[str, dict]]:
+    """data.sources (or data.path) plus data.replay → one seeded interleaving of their training rows.
 
-    The sampling is datasets.interleave_datasets' own, on datasets of row indices (sources may have different
-    columns, which interleave_datasets cannot mix); the rows are then looked up. Returns the rows, each row's data
-    settings (its source's format, columns and templates over data.*) and the per-source counts for the report.
+    Each source's held-out rows (data.eval_ratio, unless data.eval_path) are split off first, so that a row the
+    mix repeats can never be on both sides. The sampling is datasets.interleave_datasets' own, on datasets of row
+    indices (sources may have different columns, which interleave_datasets cannot mix); the rows are then looked
+    up. Returns the training rows and each one's data settings (its source's format, columns and templates over
+    data.*), the same for the held-out rows, and the per-source counts for the report.
     """
     from datasets import Dataset, interleave_datasets
 
@@ -170,8 +173,10 @@ def mix_sources(recipe: Recipe) -> tuple[list[Row], list[DataConfig], dict[str, 
         formats.append(cfg.model_copy(update={"path": cfg.replay.path, "format": cfg.replay.format,
                                               "columns": cfg.replay.columns}))
     read = [_read_source(s.path, cfg.split, cfg.limit, w) for s, w in zip(sources, where, strict=True)]
-    indexed = [Dataset.from_dict({"source": [i] * len(rows), "index": list(range(len(rows)))})
-               for i, rows in enumerate(read)]
+    ratio = 0 if cfg.eval_path else cfg.eval_ratio
+    parts = [split_rows(rows, ratio, recipe.train.seed) for rows in read]  # per source: (train, held out)
+    indexed = [Dataset.from_dict({"source": [i] * len(train), "index": list(range(len(train)))})
+               for i, (train, _) in enumerate(parts)]
     mixed = interleave_datasets(indexed, probabilities=probabilities, seed=recipe.train.seed,
                                 stopping_strategy=cfg.stopping_strategy)
     picks = list(zip(mixed["source"], mixed["index"], strict=True))
@@ -180,27 +185,27 @@ def mix_sources(recipe: Recipe) -> tuple[list[Row], list[DataConfig], dict[str, 
     for i, s in enumerate(sources):
         name = s.path if s.path not in counts else f"{s.path} #{i}"
         counts[name] = {"format": formats[i].format, "probability": probabilities[i], "read": len(read[i]),
-                        "used": used[i]}
-    return [read[i][j] for i, j in picks], [formats[i] for i, _ in picks], counts
+                        "held_out": len(parts[i][1]), "used": used[i]}
+    held = [(row, formats[i]) for i, (_, rows) in enumerate(parts) for row in rows]
+    return ([parts[i][0][j] for i, j in picks], [formats[i] for i, _ in picks], [r for r, _ in held],
+            [f for _, f in held], counts)
 
 
 def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     cfg = recipe.data
+    held_out = f"(held out: {cfg.eval_ratio:.0%}, seed {recipe.train.seed})"
     if cfg.sources or cfg.replay.path:
-        rows, formats, counts = mix_sources(recipe)
+        train_rows, train_formats, eval_rows, eval_formats, counts = mix_sources(recipe)
         source = " + ".join(counts)
+        eval_source = f"{source} {held_out}, each source split before mixing"
     else:
         rows, counts, source = _read_source(cfg.path, cfg.split, cfg.limit, "data.path"), {}, cfg.path
-        formats = [cfg] * len(rows)
+        train_rows, eval_rows = (rows, []) if cfg.eval_path else split_rows(rows, cfg.eval_ratio, recipe.train.seed)
+        train_formats, eval_formats = [cfg] * len(train_rows), [cfg] * len(eval_rows)
+        eval_source = f"{cfg.path} {held_out}"
     if cfg.eval_path:
-        train_idx, eval_source = list(range(len(rows))), cfg.eval_path
-        eval_rows = read_rows(cfg.eval_path, cfg.split)
+        eval_rows, eval_source = read_rows(cfg.eval_path, cfg.split), cfg.eval_path
         eval_formats = [cfg] * len(eval_rows)
-    else:  # split indices, so that each row keeps its source's data settings
-        train_idx, eval_idx = split_rows(list(range(len(rows))), cfg.eval_ratio, recipe.train.seed)
-        eval_rows, eval_formats = [rows[i] for i in eval_idx], [formats[i] for i in eval_idx]
-        eval_source = f"{source} (held out: {cfg.eval_ratio:.0%}, seed {recipe.train.seed})"
-    train_rows, train_formats = [rows[i] for i in train_idx], [formats[i] for i in train_idx]
     train, train_report = _render_rows(train_rows, recipe, tok, chat, train_formats)
     evals, eval_report = _render_rows(eval_rows, recipe, tok, chat, eval_formats)
     if not train:
