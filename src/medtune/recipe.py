@@ -70,8 +70,9 @@ class DataConfig(Section):
     train_on_prompt: bool = Field(False, description="Also compute loss on prompt/system tokens (default: answers only).")
     add_eos: bool = Field(True, description="format=text: append the end-of-sequence token when a text lacks it, so the model learns to stop.")
     sources: list[DataSource] = Field(default_factory=list, description="Several weighted sources mixed by "
-                                      "datasets.interleave_datasets (seeded by train.seed) instead of data.path; each "
-                                      "may set its own format/columns/templates. Empty = data.path alone.")
+                                      "datasets.interleave_datasets (seeded by train.seed) instead of data.path: a list "
+                                      "of {path, weight (default 1), format, columns, prompt_template, response_template}; "
+                                      "unset keys fall back to data.*. Empty = data.path alone.")
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="General-data replay against forgetting.")
     stopping_strategy: Literal["all_exhausted", "first_exhausted"] = Field(
         "all_exhausted", description="Mixing: all_exhausted repeats the smaller sources until every row of every source "
