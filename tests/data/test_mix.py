@@ -115,3 +115,14 @@ def test_bad_mix_names_the_field(tiny_tokenizer, write_file, data, field):
     with pytest.raises(MedtuneError) as e:
         prepared(tiny_tokenizer, recipe_file(write_file, {"format": "qa", **data}))
     assert field in str(e.value)
+
+
+def test_eval_data_file_is_read_alone_not_through_the_runs_mix(write_file, files):
+    from medtune.eval.inputs import eval_recipe
+
+    qa, ins = files
+    path = write_file("mix.yaml", yaml.safe_dump({"data": {"sources": [{"path": qa}, {"path": ins}],
+                                                          "replay": {"path": "demo:general"}}}))
+    recipe = eval_recipe("any-model", "demo:general", str(path), ["data.format=qa"])
+    assert (recipe.data.path, recipe.data.sources, recipe.data.replay.path) == ("demo:general", [], None)
+    assert eval_recipe("any-model", None, str(path)).data.replay.path == "demo:general"  # held-out split: the mix
