@@ -192,7 +192,7 @@ def cmd_eval(args) -> int:
     from medtune.run.meta import is_run_dir
 
     context = {"model": args.model, "command": shlex.join(["medtune", *sys.argv[1:]]), "fewshot": args.fewshot,
-               "limit": args.limit}
+               "limit": args.limit, "data": opts.data}
     print(report.markdown(results))
     if is_run_dir(args.model) and not args.no_save:
         written = report.write_run_results(args.model, results, **context)

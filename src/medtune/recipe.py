@@ -23,9 +23,31 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+FORMATS = Literal["text", "messages", "instruction", "qa", "template"]
+
+
+class DataSource(Section):
+    path: str = Field(description="This source's data (same kinds as data.path, e.g. demo:qa).")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight; probabilities are the weights divided "
+                          "by their sum (times 1 - replay.share when replay is on).")
+    format: FORMATS | None = Field(None, description="This source's format; default data.format.")
+    columns: dict[str, str] | None = Field(None, description="This source's column map; default data.columns.")
+    prompt_template: str | None = Field(None, description="format=template: this source's prompt; default data.prompt_template.")
+    response_template: str | None = Field(None, description="format=template: this source's answer; default data.response_template.")
+
+
+class ReplayConfig(Section):
+    path: str | None = Field(None, description="General (non-medical) instruction data mixed in against forgetting, "
+                             "e.g. demo:general (shipped with medtune). None = no replay.")
+    share: float = Field(0.2, gt=0, lt=1, description="Probability that a training row is drawn from the replay data "
+                         "(0.2 = about 20% of rows). Higher = less forgetting, slower medical gains.")
+    format: FORMATS = Field("qa", description="Format of the replay data (demo:general is qa).")
+    columns: dict[str, str] = Field(default_factory=dict, description="Column map of the replay data.")
+
+
 class DataConfig(Section):
     path: str = Field("demo:terms", description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, "
-                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa, preferences).")
+                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa, preferences, general).")
     format: Literal["text", "messages", "instruction", "qa", "template", "preference"] = Field(
         "template", description="How rows become conversations: text (pre-formatted strings), messages (chat turns), "
         "instruction (instruction/input/output), qa (question/answer), template (prompt and response built from columns), "
@@ -68,6 +90,14 @@ class DataConfig(Section):
     @classmethod
     def _yaml_off(cls, v):
         return "off" if v is False else v  # YAML reads a bare `off` as false
+    sources: list[DataSource] = Field(default_factory=list, description="Several weighted sources mixed by "
+                                      "datasets.interleave_datasets (seeded by train.seed) instead of data.path: a list "
+                                      "of {path, weight (default 1), format, columns, prompt_template, response_template}; "
+                                      "unset keys fall back to data.*. Empty = data.path alone.")
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="General-data replay against forgetting.")
+    stopping_strategy: Literal["all_exhausted", "first_exhausted"] = Field(
+        "all_exhausted", description="Mixing: all_exhausted repeats the smaller sources until every row of every source "
+        "was drawn; first_exhausted stops when one source runs out (no repeats, rows of the others left unused).")
 
 
 class TokenizerConfig(Section):

@@ -88,3 +88,23 @@ def test_card_section_is_replaced_not_repeated(run_dir, write_file):
     assert card.count("## Evaluations") == 1 and "| rouge | rougeL |" in card and "| perplexity |" in card
     saved = json.loads((run_dir / "eval" / "rouge.json").read_text())["rouge"]
     assert saved["n"] == 3 and 0 <= saved["rougeL"] <= 100 and "bleu" in saved
+
+
+def test_forgetting_check_in_the_card(run_dir, write_file):
+    rows = [{"question": f"Which is {c}?", "options": {"A": c, "B": "salt", "C": "sand", "D": "air"}, "answer_idx": "A"}
+            for c in ("fever", "gout", "acne", "asthma", "eczema", "anemia")]
+    medqa = write_file("medqa.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval", str(run_dir), "--task", "perplexity,medqa", "--data", "perplexity=demo:general",
+                 "--data", f"medqa={medqa}", "--set", "data.format=qa", "--compare-base", "--bootstrap", "200",
+                 "--precision", "fp32"]) == 0
+    medqa_result = json.loads((run_dir / "eval" / "medqa.json").read_text())["medqa"]
+    assert {"acc", "acc_norm", "ece", "brier"} == set(medqa_result["delta"])
+    for side in ("base", "tuned"):
+        assert 0 <= medqa_result[side]["ece"] <= 1 and 0 <= medqa_result[side]["brier"] <= 2
+    card = (run_dir / "README.md").read_text()
+    section = card[card.index("### Forgetting check"):card.index("## Plots")]
+    general = json.loads((run_dir / "eval" / "perplexity.json").read_text())["perplexity"]["delta"]["perplexity"]
+    want = "no significant change" if not general["significant"] else ("improved" if general["better"] else "forgot")
+    assert "| general | perplexity | perplexity |" in section and section.count("| medical | medqa |") == 3
+    line = next(x for x in section.splitlines() if x.startswith("| general"))
+    assert line.rstrip(" |").endswith(want) and f"{general['delta']:+.4g} [{general['ci_low']:+.4g}" in line

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from medtune.eval.calibration import ece
 from medtune.eval.harness import make_lm, offline_env, prepare_tasks, run_benchmark
 from medtune.generate import load_for_inference
 
@@ -64,6 +65,16 @@ def test_simple_evaluate_end_to_end_matches_stock_hflm(loaded, medqa_file, tmp_p
     assert ours.metrics["acc_norm"] == pytest.approx(want["acc_norm,none"])
     per_item = sorted(stock["samples"]["medtune_medqa"], key=lambda s: s["doc_id"])
     assert [i["acc"] for i in ours.items] == [s["acc"] for s in per_item]
+    # calibration from the stock harness's option log-likelihoods (softmax by torch); ece() itself: test_calibration
+    import torch
+
+    probs = [torch.softmax(torch.tensor([r[0] for r in s["filtered_resps"]], dtype=torch.float64), 0) for s in per_item]
+    gold = [s["target"] for s in per_item]
+    brier = [float(((p - torch.nn.functional.one_hot(torch.tensor(g), len(p))) ** 2).sum()) for p, g in zip(probs, gold, strict=True)]
+    assert ours.metrics["brier"] == pytest.approx(sum(brier) / len(brier), rel=1e-4)
+    assert [i["confidence"] for i in ours.items] == pytest.approx([float(p.max()) for p in probs], rel=1e-4)
+    assert ours.metrics["ece"] == pytest.approx(ece([float(p.max()) for p in probs],
+                                                              [s["acc"] for s in per_item]), rel=1e-4, abs=1e-9)
 
 
 def test_fewshot_prompt_uses_the_shot_file(loaded, medqa_file, write_file, tmp_path):

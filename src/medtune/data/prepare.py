@@ -15,7 +15,7 @@ from medtune.data.hygiene import clean, scan_phi
 from medtune.data.readers import Row, read_rows
 from medtune.data.render import IGNORE, Dropped, Pair, Sample, render
 from medtune.errors import MedtuneError
-from medtune.recipe import Recipe
+from medtune.recipe import DataConfig, DataSource, Recipe
 from medtune.tokenizer import ChatSetup
 
 
@@ -40,6 +40,8 @@ class DataReport:
     eval_source: str
     example: str = ""  # the first training example, answer tokens between « and »
     hygiene: dict = field(default_factory=dict)  # decontamination, near-duplicates, PHI (data/hygiene.py)
+    sources: dict[str, dict] = field(default_factory=dict)  # mixing: spec → {format, probability, read, held_out,
+    # used (training rows drawn, repeats counted)}; {} = data.path alone
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +60,9 @@ class DataReport:
         if self.eval.rows:
             out.append(f"  eval rows from: {self.eval_source}")
         out += hygiene_lines(self.hygiene)
+        for spec, n in self.sources.items():
+            out.append(f"  source {spec} ({n['format']}): p={n['probability']:.3f}, {n['read']} rows read, "
+                       f"{n['held_out']} held out, {n['used']} training rows drawn")
         if self.example:
             out.append("first training example (« » marks the tokens that carry loss):")
             out.append(self.example)
@@ -125,26 +130,32 @@ def _clean_pairs(pairs: list[tuple], cfg, hygiene: dict | None) -> tuple[list[tu
         chosen = scan_phi(chosen, "redact")[0]
     if cfg.phi == "redact":
         rejected = scan_phi(rejected, "redact")[0]
-    by_row = {r.row: r for r in rejected}
-    return [(c, by_row[c.row]) for c in chosen], drops
+    by_row = {(r.source, r.row): r for r in rejected}
+    return [(c, by_row[(c.source, c.row)]) for c in chosen], drops
 
 
-def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup,
+def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats: list[DataConfig],
                  hygiene: dict | None = None) -> tuple[list[Sample] | list[Pair], PartReport]:
-    """hygiene: a dict to fill with the findings of data/hygiene.py, whose checks then run on these rows."""
+    """formats: each row's data settings (recipe.data, or its source's settings over it when mixing). hygiene: a
+    dict to fill with the findings of data/hygiene.py, whose checks (recipe.data's) then run on these rows."""
     cfg = recipe.data
     system = recipe.tokenizer.system_prompt
     preference = cfg.format == "preference"
     report = PartReport(rows=len(rows))
     drops: list[tuple[int, str]] = []  # (row, reason), counted in row order
     examples = []
-    for row in rows:
+    settings = {}  # (file, row) → that row's data settings, for rendering it after the hygiene checks
+    for row, row_cfg in zip(rows, formats, strict=True):
         try:
-            examples.append(to_pair(row, cfg, system) if preference else to_example(row, cfg, system))
+            ex = to_pair(row, row_cfg, system) if preference else to_example(row, row_cfg, system)
         except RowError as e:
-            if cfg.on_bad_row == "error":
+            if row_cfg.on_bad_row == "error":
                 raise
             drops.append((row.number, e.kind))
+            continue
+        examples.append(ex)
+        first = ex[0] if preference else ex
+        settings[(first.source, first.row)] = row_cfg
     if preference:
         examples, removed = _clean_pairs(examples, cfg, hygiene)
         drops += removed
@@ -156,15 +167,17 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup,
         examples = scan_phi(examples, "redact")[0]
     samples = []
     for ex in examples:
+        first = ex[0] if preference else ex
+        row_cfg = settings[(first.source, first.row)]
         try:
             if preference:
-                (chosen, cut_c), (rejected, cut_r) = (render(half, tok, cfg, chat.stop_tokens, last_answer_only=True)
-                                                      for half in ex)
+                (chosen, cut_c), (rejected, cut_r) = (render(half, tok, row_cfg, chat.stop_tokens,
+                                                             last_answer_only=True) for half in ex)
                 sample, truncated = Pair(chosen, rejected), cut_c or cut_r
             else:
-                sample, truncated = render(ex, tok, cfg, chat.stop_tokens)
+                sample, truncated = render(ex, tok, row_cfg, chat.stop_tokens)
         except Dropped as d:
-            drops.append(((ex[0] if preference else ex).row, d.reason))
+            drops.append((first.row, d.reason))
             continue
         report.truncated += truncated
         samples.append(sample)
@@ -210,25 +223,86 @@ def check_objective(recipe: Recipe) -> None:
                            "run `medtune eval` with --data", field="eval.after_train")
 
 
+def _read_source(spec: str, split: str, limit: int | None, where: str) -> list[Row]:
+    try:
+        rows = read_rows(spec, split)
+    except MedtuneError as e:
+        if e.field != "data.path":
+            raise
+        raise MedtuneError(e.reason, file=e.file, row=e.row, field=where) from None
+    rows = rows[:limit] if limit else rows
+    if not rows:
+        raise MedtuneError("no rows to train on", file=spec, field=where)
+    return rows
+
+
+def mix_sources(recipe: Recipe) -> tuple[list[Row], list[DataConfig], list[Row], list[DataConfig], dict[str, dict]]:
+    """data.sources (or data.path) plus data.replay → one seeded interleaving of their training rows.
+
+    Each source's held-out rows (data.eval_ratio, unless data.eval_path) are split off first, so that a row the
+    mix repeats can never be on both sides. The sampling is datasets.interleave_datasets' own, on datasets of row
+    indices (sources may have different columns, which interleave_datasets cannot mix); the rows are then looked
+    up. Returns the training rows and each one's data settings (its source's format, columns and templates over
+    data.*), the same for the held-out rows, and the per-source counts for the report.
+    """
+    from datasets import Dataset, interleave_datasets
+
+    cfg = recipe.data
+    sources = cfg.sources or [DataSource(path=cfg.path)]
+    where = [f"data.sources[{i}].path" for i in range(len(cfg.sources))] or ["data.path"]
+    weights = [s.weight for s in sources]
+    probabilities = [w / sum(weights) * (1 - cfg.replay.share if cfg.replay.path else 1) for w in weights]
+    formats = [cfg.model_copy(update={k: v for k, v in s.model_dump(exclude={"weight"}).items() if v is not None})
+               for s in sources]
+    if cfg.replay.path:
+        sources = [*sources, DataSource(path=cfg.replay.path, format=cfg.replay.format, columns=cfg.replay.columns)]
+        where.append("data.replay.path")
+        probabilities.append(cfg.replay.share)
+        formats.append(cfg.model_copy(update={"path": cfg.replay.path, "format": cfg.replay.format,
+                                              "columns": cfg.replay.columns}))
+    read = [_read_source(s.path, cfg.split, cfg.limit, w) for s, w in zip(sources, where, strict=True)]
+    ratio = 0 if cfg.eval_path else cfg.eval_ratio
+    parts = [split_rows(rows, ratio, recipe.train.seed) for rows in read]  # per source: (train, held out)
+    indexed = [Dataset.from_dict({"source": [i] * len(train), "index": list(range(len(train)))})
+               for i, (train, _) in enumerate(parts)]
+    mixed = interleave_datasets(indexed, probabilities=probabilities, seed=recipe.train.seed,
+                                stopping_strategy=cfg.stopping_strategy)
+    picks = list(zip(mixed["source"], mixed["index"], strict=True))
+    used = Counter(i for i, _ in picks)
+    counts = {}
+    for i, s in enumerate(sources):
+        name = s.path if s.path not in counts else f"{s.path} #{i}"
+        counts[name] = {"format": formats[i].format, "probability": probabilities[i], "read": len(read[i]),
+                        "held_out": len(parts[i][1]), "used": used[i]}
+    held = [(row, formats[i]) for i, (_, rows) in enumerate(parts) for row in rows]
+    return ([parts[i][0][j] for i, j in picks], [formats[i] for i, _ in picks], [r for r, _ in held],
+            [f for _, f in held], counts)
+
+
 def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     cfg = recipe.data
     check_objective(recipe)
-    rows = read_rows(cfg.path, cfg.split)
-    if cfg.limit:
-        rows = rows[: cfg.limit]
-    if not rows:
-        raise MedtuneError("no rows to train on", file=cfg.path, field="data.path")
-    if cfg.eval_path:
-        train_rows, eval_rows, eval_source = rows, read_rows(cfg.eval_path, cfg.split), cfg.eval_path
+    held_out = f"(held out: {cfg.eval_ratio:.0%}, seed {recipe.train.seed})"
+    if cfg.sources or cfg.replay.path:
+        train_rows, train_formats, eval_rows, eval_formats, counts = mix_sources(recipe)
+        source = " + ".join(counts)
+        eval_source = f"{source} {held_out}, each source split before mixing"
     else:
-        train_rows, eval_rows = split_rows(rows, cfg.eval_ratio, recipe.train.seed)
-        eval_source = f"{cfg.path} (held out: {cfg.eval_ratio:.0%}, seed {recipe.train.seed})"
+        rows, counts, source = _read_source(cfg.path, cfg.split, cfg.limit, "data.path"), {}, cfg.path
+        train_rows, eval_rows = (rows, []) if cfg.eval_path else split_rows(rows, cfg.eval_ratio, recipe.train.seed)
+        train_formats, eval_formats = [cfg] * len(train_rows), [cfg] * len(eval_rows)
+        eval_source = f"{cfg.path} {held_out}"
+    if cfg.eval_path:
+        eval_rows, eval_source = read_rows(cfg.eval_path, cfg.split), cfg.eval_path
+        eval_formats = [cfg] * len(eval_rows)
     hygiene: dict = {}
-    train, train_report = _render_rows(train_rows, recipe, tok, chat, hygiene)
-    evals, eval_report = _render_rows(eval_rows, recipe, tok, chat)
+    train, train_report = _render_rows(train_rows, recipe, tok, chat, train_formats, hygiene)
+    evals, eval_report = _render_rows(eval_rows, recipe, tok, chat, eval_formats)
     if not train:
-        raise MedtuneError(f"every row was dropped ({train_report.dropped}); nothing to train on", file=cfg.path,
+        raise MedtuneError(f"every row was dropped ({train_report.dropped}); nothing to train on", file=source,
                            field="data.path")
-    report = DataReport(cfg.path, cfg.format, cfg.max_length, train_report, eval_report, eval_source,
-                        example="\n".join(marked_text(tok, s) for s in _halves(train[:1])), hygiene=hygiene)
+    fmt = ", ".join(dict.fromkeys(c["format"] for c in counts.values())) or cfg.format
+    report = DataReport(source, fmt, cfg.max_length, train_report, eval_report, eval_source,
+                        example="\n".join(marked_text(tok, s) for s in _halves(train[:1])), hygiene=hygiene,
+                        sources=counts)
     return PreparedData(train, evals, report)

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from medtune.errors import MedtuneError
 from medtune.eval.benchmarks import Subset, read_benchmark, write_tasks
+from medtune.eval.calibration import ece, item_calibration
 from medtune.generate import Loaded
 
 log = logging.getLogger("medtune")
@@ -37,8 +38,8 @@ DEFAULT_BATCH = 16
 @dataclass
 class BenchmarkResult:
     task: str
-    metrics: dict[str, float]  # acc, acc_stderr, acc_norm, acc_norm_stderr, n
-    items: list[dict] = field(default_factory=list)  # per item: id, subtask, acc, acc_norm
+    metrics: dict[str, float]  # acc, acc_stderr, acc_norm, acc_norm_stderr, ece, brier, n
+    items: list[dict] = field(default_factory=list)  # per item: id, subtask, acc, acc_norm, confidence, brier
     subtasks: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -143,15 +144,20 @@ def collect(task: str, out: dict, subsets: list[Subset]) -> BenchmarkResult:
     items, subtasks = [], {}
     for subset in subsets:
         samples = sorted(out["samples"][subset.name], key=lambda s: s["doc_id"])
-        rows = [{"id": subset.items[s["doc_id"]].id, "subtask": subset.name, "acc": float(s["acc"]),
-                 "acc_norm": float(s["acc_norm"])} for s in samples]
+        rows = []
+        for s in samples:
+            item = subset.items[s["doc_id"]]
+            confidence, brier = item_calibration([r[0] for r in s["filtered_resps"]], item.gold)
+            rows.append({"id": item.id, "subtask": subset.name, "acc": float(s["acc"]), "acc_norm": float(s["acc_norm"]),
+                         "confidence": confidence, "brier": brier})
         items += rows
         subtasks[subset.name] = summarize(rows)
     return BenchmarkResult(task, summarize(items), items, subtasks if len(subsets) > 1 else {})
 
 
 def summarize(rows: list[dict]) -> dict[str, float]:
-    """Mean and standard error (lm-eval's `mean_stderr`: sample std / sqrt(n)) of acc and acc_norm."""
+    """Mean and standard error (lm-eval's `mean_stderr`: sample std / sqrt(n)) of acc and acc_norm; ECE and Brier
+    (see medtune.eval.calibration)."""
     from lm_eval.api.metrics import mean_stderr
 
     out: dict[str, float] = {}
@@ -159,5 +165,7 @@ def summarize(rows: list[dict]) -> dict[str, float]:
         values = [r[metric] for r in rows]
         out[metric] = sum(values) / len(values)
         out[f"{metric}_stderr"] = mean_stderr(values) if len(values) > 1 else float("nan")
+    out["ece"] = ece([r["confidence"] for r in rows], [r["acc"] for r in rows])
+    out["brier"] = sum(r["brier"] for r in rows) / len(rows)
     out["n"] = len(rows)
     return out

@@ -27,7 +27,8 @@ def eval_recipe(model_or_run: str, data: str | None, recipe: str | None = None,
     source = recipe or (Path(model_or_run) / "recipe.yaml" if is_run_dir(model_or_run) else None)
     extra = [f"data.max_length={UNLIMITED}", "data.overlong=truncate"]
     if data:
-        extra += [f"data.path={data}", "data.eval_ratio=0", "data.eval_path=null", "data.limit=null"]
+        extra += [f"data.path={data}", "data.eval_ratio=0", "data.eval_path=null", "data.limit=null",
+                  "data.sources=[]", "data.replay.path=null"]  # that file alone, not the run's mix
     return load_recipe(source, extra + list(overrides or []))
 
 

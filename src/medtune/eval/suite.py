@@ -1,7 +1,7 @@
 """`medtune eval`: load the model once, run each task (tuned, and base with the adapter off), compare, report.
 
 Every task yields metrics plus per-item rows, so `--compare-base` can run a paired bootstrap on the same items:
-  benchmarks  rows [acc, acc_norm]             metrics acc, acc_norm (+ stderr)
+  benchmarks  rows [acc, acc_norm, confidence, Brier]  metrics acc, acc_norm (+ stderr), ece, brier
   perplexity  rows [summed NLL, tokens]        metric perplexity (lower is better)
   rouge       rows [ROUGE-L, BLEU statistics]  metrics rougeL, bleu
 """
@@ -15,6 +15,7 @@ import numpy as np
 
 from medtune.errors import MedtuneError
 from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
+from medtune.eval.calibration import ece
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
 from medtune.eval.report import write_run_results
 from medtune.eval.results import TaskResult
@@ -75,7 +76,8 @@ def _benchmark(task: str):
             cache["lm"] = make_lm(loaded, opts.batch_size)
         r = run_benchmark(loaded, task, opts.data[task], fewshot=opts.fewshot, fewshot_data=opts.fewshot_data.get(task),
                           limit=opts.limit, use_adapter=use_adapter, lm=cache["lm"])
-        return r.metrics, [[i["acc"], i["acc_norm"]] for i in r.items], r.subtasks
+        rows = [[i["acc"], i["acc_norm"], i["confidence"], i["brier"]] for i in r.items]
+        return r.metrics, rows, r.subtasks
     return run
 
 
@@ -118,7 +120,8 @@ def _statistics(task: str) -> dict[str, tuple]:
         from medtune.eval.rouge import bleu, rouge_l
 
         return {"rougeL": (rouge_l, True), "bleu": (lambda rows: bleu(rows.tolist()), True)}
-    return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True)}
+    return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True),
+            "ece": (lambda rows: ece(rows[:, 2], rows[:, 0]), False), "brier": (mean_of(3), False)}
 
 
 def run_task(loaded: Loaded, task: str, opts: EvalOptions, cache: dict | None = None,
@@ -184,6 +187,6 @@ def after_train(recipe, run_dir, loaded: Loaded, held_out=None, base_perplexity=
                        fewshot_data=dict(cfg.fewshot_data), limit=cfg.limit, batch_size=16,
                        compare_base=cfg.compare_base)
     results = run_eval(opts, loaded, caches, bases)
-    write_run_results(run_dir, results, model=str(run_dir), command="eval.after_train", fewshot=cfg.fewshot,
+    write_run_results(run_dir, results, model=str(run_dir), command="eval.after_train", fewshot=cfg.fewshot, data=data,
                       limit=cfg.limit)
     return results

@@ -28,7 +28,7 @@ NOT_MEDICAL_ADVICE = ("This model is a research artifact. It is not medical advi
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # (pattern in the lower-cased hub id, Hub licence id), first match wins
 _LICENSES = [("smollm", "apache-2.0"), ("llama-3.2", "llama3.2"), ("llama-3", "llama3"), ("llama-2", "llama2")]
-_EVAL_SHOWN = ("acc", "acc_norm", "perplexity", "loss", "tokens", "rougeL", "bleu")
+_EVAL_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu")
 _HELD_OUT = [("eval_loss", "loss (nats per token)"), ("eval_ppl", "perplexity")]
 _TRAINING = [("steps", "optimizer steps"), ("train_loss", "final train loss"), ("tokens_per_s", "tokens per second"),
              ("train_seconds", "training seconds"), ("skipped_batches", "skipped batches")]
@@ -161,7 +161,9 @@ def read_evals(run_dir: str | Path) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for path in sorted((Path(run_dir) / EVAL).glob("*.json")):
         data = json.loads(path.read_text(encoding="utf-8"))
-        out.update({task: result for task, result in data.items() if not task.startswith("_")})
+        paths = data.get("_meta", {}).get("data", {})  # task → the data file it was scored on
+        out.update({task: {**result, "_data": paths.get(task)} for task, result in data.items()
+                    if not task.startswith("_")})
     return out
 
 
@@ -177,9 +179,39 @@ def evaluations(evals: dict[str, dict]) -> str:
                              + ("" if d["significant"] else " (not significant)")))
         else:
             rows += [(task, m, "", value_with_error(result, m), "") for m in _EVAL_SHOWN if m in result]
-    return ("From `medtune eval` (RUN/eval/*.json). Benchmarks are scored by log-likelihood with lm-evaluation-harness "
-            "(± standard error); deltas carry a 95% paired-bootstrap interval. Benchmark scores are not evidence of "
-            "clinical safety.\n\n" + table(["task", "metric", "base", "tuned", "delta [95% CI]"], rows))
+    text = ("From `medtune eval` (RUN/eval/*.json). Benchmarks are scored by log-likelihood with lm-evaluation-harness "
+            "(± standard error); ece and brier measure calibration (lower is better); deltas carry a 95% "
+            "paired-bootstrap interval. Benchmark scores are not evidence of clinical safety.\n\n"
+            + table(["task", "metric", "base", "tuned", "delta [95% CI]"], rows))
+    forgetting = _forgetting_rows(evals)
+    if forgetting:
+        text += ("\n\n### Forgetting check\n\nBase vs tuned on the same items. \"forgot\" = significantly worse at "
+                 "the 5% level (the 95% interval excludes 0 on the bad side); general = data outside the medical "
+                 "domain (e.g. `--data perplexity=demo:general`).\n\n"
+                 + table(["domain", "task", "metric", "base", "tuned", "delta [95% CI]", "verdict"], forgetting))
+    return text
+
+
+_HEADLINE = {"perplexity": ("perplexity",), "rouge": ("rougeL",)}  # benchmarks: acc and calibration
+GENERAL_DATA = ("demo:general",)
+
+
+def _forgetting_rows(evals: dict[str, dict]) -> list[tuple]:
+    """One row per compared headline metric: domain, base, tuned, delta [CI] and improved / no significant change /
+    forgot."""
+    rows = []
+    for task, result in evals.items():
+        if "delta" not in result:
+            continue
+        domain = "general" if result.get("_data") in GENERAL_DATA else "medical"
+        for metric in _HEADLINE.get(task, ("acc", "ece", "brier")):
+            d = result["delta"].get(metric)
+            if d is None:
+                continue
+            word = "no significant change" if not d["significant"] else ("improved" if d["better"] else "forgot")
+            rows.append((domain, task, metric, number(d["base"]), number(d["tuned"]),
+                         f"{d['delta']:+.4g} [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]", word))
+    return rows
 
 
 def samples(rows: list[dict]) -> str:
