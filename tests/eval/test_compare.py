@@ -105,6 +105,5 @@ def test_forgetting_check_in_the_card(run_dir, write_file):
     section = card[card.index("### Forgetting check"):card.index("## Plots")]
     general = json.loads((run_dir / "eval" / "perplexity.json").read_text())["perplexity"]["delta"]["perplexity"]
     want = "no significant change" if not general["significant"] else ("improved" if general["better"] else "forgot")
-    assert "| general | perplexity | perplexity |" in section and section.count("| medical | medqa |") == 3
-    line = next(x for x in section.splitlines() if x.startswith("| general"))
-    assert line.rstrip(" |").endswith(want) and f"{general['delta']:+.4g} [{general['ci_low']:+.4g}" in line
+    assert f"| general | perplexity | perplexity | {want} |" in section and section.count("| medical | medqa |") == 3
+    assert f"{general['delta']:+.4g} [{general['ci_low']:+.4g}" in card[card.index("## Evaluations"):]

@@ -185,10 +185,10 @@ def evaluations(evals: dict[str, dict]) -> str:
             + table(["task", "metric", "base", "tuned", "delta [95% CI]"], rows))
     forgetting = _forgetting_rows(evals)
     if forgetting:
-        text += ("\n\n### Forgetting check\n\nBase vs tuned on the same items. \"forgot\" = significantly worse at "
-                 "the 5% level (the 95% interval excludes 0 on the bad side); general = data outside the medical "
-                 "domain (e.g. `--data perplexity=demo:general`).\n\n"
-                 + table(["domain", "task", "metric", "base", "tuned", "delta [95% CI]", "verdict"], forgetting))
+        text += ("\n\n### Forgetting check\n\nThe headline metrics of the table above, judged: \"forgot\" = "
+                 "significantly worse at the 5% level (the 95% interval excludes 0 on the bad side); general = data "
+                 "outside the medical domain (e.g. `--data perplexity=demo:general`).\n\n"
+                 + table(["domain", "task", "metric", "verdict"], forgetting))
     return text
 
 
@@ -197,8 +197,8 @@ GENERAL_DATA = ("demo:general",)
 
 
 def _forgetting_rows(evals: dict[str, dict]) -> list[tuple]:
-    """One row per compared headline metric: domain, base, tuned, delta [CI] and improved / no significant change /
-    forgot."""
+    """One row per compared headline metric: domain and improved / no significant change / forgot (the figures
+    themselves are in the Evaluations table: each is shown once)."""
     rows = []
     for task, result in evals.items():
         if "delta" not in result:
@@ -209,8 +209,7 @@ def _forgetting_rows(evals: dict[str, dict]) -> list[tuple]:
             if d is None:
                 continue
             word = "no significant change" if not d["significant"] else ("improved" if d["better"] else "forgot")
-            rows.append((domain, task, metric, number(d["base"]), number(d["tuned"]),
-                         f"{d['delta']:+.4g} [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]", word))
+            rows.append((domain, task, metric, word))
     return rows
 
 
