@@ -48,7 +48,9 @@ def reference(tiny_runs):
 
     def answer(which: str, max_new_tokens: int = CAP) -> str:
         loaded, use = {"base": (alpha, False), "alpha": (alpha, True), "beta": (beta, True)}[which]
-        return generate(loaded, MESSAGES, max_new_tokens=max_new_tokens, use_adapter=use)
+        # serve keeps OpenAI's semantics: no repetition control unless the request asks for it
+        return generate(loaded, MESSAGES, max_new_tokens=max_new_tokens, use_adapter=use, repetition_penalty=1.0,
+                        no_repeat_ngram_size=0)
 
     return answer
 
