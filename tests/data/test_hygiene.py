@@ -290,3 +290,15 @@ def test_training_saves_the_findings_in_the_run(tiny_run_dir):
     card = (tiny_run_dir / "README.md").read_text(encoding="utf-8")
     assert f"near-duplicates (Jaccard >= 0.8): {report['near_duplicates']['duplicate_rows']} rows (kept)" in card
     assert f"PHI (report): {report['phi']['rows_with_phi']} rows with identifiers" in card
+
+
+def test_a_row_the_mix_draws_again_is_not_its_own_near_duplicate():
+    from medtune.data.formats import Example
+    from medtune.data.hygiene import near_duplicates
+    from medtune.recipe import DataConfig
+
+    text = "Bursitis is inflammation of a bursa, a small fluid-filled sac that cushions a joint near the skin."
+    a = Example("terms.jsonl", 1, messages=[{"role": "user", "content": "Bursitis?"}, {"role": "assistant", "content": text}])
+    copy = Example("other.jsonl", 7, messages=a.messages)  # a real near-copy from another file
+    kept, report = near_duplicates([a, a, copy, a], DataConfig(near_duplicates="drop"))
+    assert kept == [a, a, a] and report["duplicate_rows"] == 1

@@ -140,13 +140,20 @@ def near_duplicates(examples: list[Example], cfg: DataConfig) -> tuple[list[Exam
     # then confirmed by its exact Jaccard similarity, so the MinHash estimate's noise flags no row
     lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=NUM_PERM, weights=(0.1, 0.9))
     kept, pairs = [], []
+    first_draw: dict[tuple[str, int], bool] = {}  # (file, row) → kept; data.sources mixing may draw a row again
     for i, ex in enumerate(examples):
+        key = (ex.source, ex.row)
+        if key in first_draw:  # the same row drawn again is not a near-duplicate of itself: same verdict as before
+            if first_draw[key]:
+                kept.append(ex)
+            continue
         shingles = _shingles(example_text(ex))
         m = MinHash(num_perm=NUM_PERM, seed=1)
         m.update_batch([s.encode("utf-8") for s in shingles])
         twins = sorted(j for j in lsh.query(m) if _jaccard(shingles, _shingles(example_text(examples[j])))
                        >= cfg.near_duplicate_threshold)
         lsh.insert(i, m)
+        first_draw[key] = not (twins and cfg.near_duplicates == "drop")
         if twins:
             pairs.append(f"{_where(ex)} ~ {_where(examples[twins[0]])}")  # the earliest row it nearly copies
             if cfg.near_duplicates == "drop":
