@@ -135,9 +135,10 @@ def _clean_pairs(pairs: list[tuple], cfg, hygiene: dict | None) -> tuple[list[tu
 
 
 def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats: list[DataConfig],
-                 hygiene: dict | None = None) -> tuple[list[Sample] | list[Pair], PartReport]:
+                 hygiene: dict | None = None) -> tuple[list[Sample] | list[Pair], PartReport, list]:
     """formats: each row's data settings (recipe.data, or its source's settings over it when mixing). hygiene: a
-    dict to fill with the findings of data/hygiene.py, whose checks (recipe.data's) then run on these rows."""
+    dict to fill with the findings of data/hygiene.py, whose checks (recipe.data's) then run on these rows. Also
+    returns each kept row's conversation up to its first answer (sample prompts drawn from held-out rows)."""
     cfg = recipe.data
     system = recipe.tokenizer.system_prompt
     preference = cfg.format == "preference"
@@ -165,7 +166,7 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats:
         drops += removed
     elif cfg.phi == "redact":  # eval rows: no identifiers either, the rest is only reported for training rows
         examples = scan_phi(examples, "redact")[0]
-    samples = []
+    samples, prompts = [], []
     for ex in examples:
         first = ex[0] if preference else ex
         row_cfg = settings[(first.source, first.row)]
@@ -181,13 +182,21 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats:
             continue
         report.truncated += truncated
         samples.append(sample)
+        prompts.append(_prompt(first))
     report.kept = len(samples)
     report.dropped = dict(Counter(reason for _, reason in sorted(drops, key=lambda d: d[0])))
     halves = _halves(samples)  # a preference pair counts as its two conversations
     report.tokens = sum(len(s.input_ids) for s in halves)
     report.loss_tokens = sum(s.num_loss_tokens for s in halves)
     report.length_percentiles = _percentiles([len(s.input_ids) for s in halves])
-    return samples, report
+    return samples, report, prompts
+
+
+def _prompt(ex) -> list[dict] | None:
+    """The conversation up to its first answer (after any redaction); None for format=text."""
+    if ex.messages is None:
+        return None
+    return ex.messages[: next(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")]
 
 
 @dataclass
@@ -195,6 +204,7 @@ class PreparedData:
     train: list[Sample] | list[Pair]  # Pairs for data.format=preference
     eval: list[Sample] | list[Pair]
     report: DataReport
+    eval_prompts: list[list[dict] | None] = field(default_factory=list)  # each held-out row up to its first answer
 
 
 def split_rows(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], list[Row]]:
@@ -296,8 +306,8 @@ def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
         eval_rows, eval_source = read_rows(cfg.eval_path, cfg.split), cfg.eval_path
         eval_formats = [cfg] * len(eval_rows)
     hygiene: dict = {}
-    train, train_report = _render_rows(train_rows, recipe, tok, chat, train_formats, hygiene)
-    evals, eval_report = _render_rows(eval_rows, recipe, tok, chat, eval_formats)
+    train, train_report, _ = _render_rows(train_rows, recipe, tok, chat, train_formats, hygiene)
+    evals, eval_report, eval_prompts = _render_rows(eval_rows, recipe, tok, chat, eval_formats)
     if not train:
         raise MedtuneError(f"every row was dropped ({train_report.dropped}); nothing to train on", file=source,
                            field="data.path")
@@ -305,4 +315,4 @@ def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     report = DataReport(source, fmt, cfg.max_length, train_report, eval_report, eval_source,
                         example="\n".join(marked_text(tok, s) for s in _halves(train[:1])), hygiene=hygiene,
                         sources=counts)
-    return PreparedData(train, evals, report)
+    return PreparedData(train, evals, report, eval_prompts)

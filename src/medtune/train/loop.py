@@ -269,21 +269,19 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
     evaluate_kw = dict(pad_id=chat.pad_token_id, batch_size=cfg.batch_size, device=device, autocast=autocast,
                        objective=cfg.objective, beta=cfg.beta)
     base_ppl = None  # the base model's held-out perplexity per text: eval.after_train reuses it, never recomputes
-    if cfg.eval_before and data.eval and not state.base_eval and can_eval and pairs:
-        base = evaluate(model, data.eval, **evaluate_kw)
-        state.base_eval = {f"base_{k}": v for k, v in base.items()}
-        log.info("base model on held-out pairs: loss %.4f", base["eval_loss"])
-        tracker.log({"eval_loss": base["eval_loss"]}, step=0)
-    elif cfg.eval_before and data.eval and not state.base_eval and can_eval:
-        from medtune.eval.perplexity import perplexity
+    if cfg.eval_before and data.eval and not state.base_eval and can_eval:
+        if pairs:
+            base = evaluate(model, data.eval, **evaluate_kw)
+        else:  # one window per text (texts are at most max_length): evaluate's figures, kept per text
+            from medtune.eval.perplexity import perplexity
 
-        # one window per text (texts are at most max_length): the same figure as `evaluate`, kept per text
-        base_ppl = perplexity(_loaded(recipe, model, tok, chat, bf16), data.eval, batch_size=cfg.batch_size,
-                              use_adapter=False, progress=False)
-        state.base_eval = {"base_eval_loss": base_ppl.loss, "base_eval_ppl": base_ppl.perplexity,
-                           "base_eval_tokens": base_ppl.tokens}
-        log.info("base model on held-out data: loss %.4f, perplexity %.2f", base_ppl.loss, base_ppl.perplexity)
-        tracker.log({"eval_loss": base_ppl.loss, "eval_ppl": base_ppl.perplexity}, step=0)
+            base_ppl = perplexity(_loaded(recipe, model, tok, chat, bf16), data.eval, batch_size=cfg.batch_size,
+                                  use_adapter=False, progress=False)
+            base = {"eval_loss": base_ppl.loss, "eval_ppl": base_ppl.perplexity, "eval_tokens": base_ppl.tokens}
+        state.base_eval = {f"base_{k}": v for k, v in base.items()}
+        log.info("base model on held-out data: loss %.4f%s", base["eval_loss"],
+                 f", perplexity {base['eval_ppl']:.2f}" if "eval_ppl" in base else "")
+        tracker.log({k: base[k] for k in ("eval_loss", "eval_ppl") if k in base}, step=0)
 
     # ---- train ---------------------------------------------------------------------------------------------
     if dist.is_main:
@@ -465,7 +463,7 @@ def _sample_answers(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool, dat
     the first `samples.from_eval` held-out rows; greedy, with the recipe's repetition control."""
     cfg = recipe.samples
     conversations = [user_turn(p, recipe.tokenizer.system_prompt) for p in cfg.prompts]
-    conversations += held_out_prompts(recipe, data, cfg.from_eval)
+    conversations += [p for p in data.eval_prompts[: cfg.from_eval] if p]  # held-out rows: never trained on
     if not conversations:
         return []
     loaded = _loaded(recipe, model, tok, chat, bf16)
@@ -481,18 +479,3 @@ def _sample_answers(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool, dat
     model.train(was_training)
     return out
 
-
-def held_out_prompts(recipe: Recipe, data: PreparedData, n: int) -> list[list[dict]]:
-    """The conversations of the first n held-out rows up to their first answer (rows the model never trained on)."""
-    if n == 0 or not data.eval:
-        return []
-    from medtune.data.formats import to_example
-    from medtune.data.readers import read_rows
-
-    wanted = [(s.source, s.row) for s in data.eval[:n]]
-    rows = {(r.source, r.number): r for r in read_rows(recipe.data.eval_path or recipe.data.path, recipe.data.split)}
-    out = []
-    for key in wanted:
-        messages = to_example(rows[key], recipe.data, recipe.tokenizer.system_prompt).messages
-        out.append(messages[: next(i for i, m in enumerate(messages) if m["role"] == "assistant")])
-    return out
