@@ -26,7 +26,7 @@ from medtune.errors import MedtuneError
 from medtune.export.merge import check_run, merge_run
 from medtune.models import medtune_home, offline
 from medtune.run.layout import ADAPTER_FILES as ADAPTER
-from medtune.run.layout import CARD, PLOTS, RECIPE
+from medtune.run.layout import CARD, META, PLOTS, RECIPE
 from medtune.run.meta import read_run_meta
 
 log = logging.getLogger("medtune")
@@ -63,7 +63,7 @@ def base_hub_id(run: Path, base_model: str | None) -> str:
     hub_id = hub_id_of(name)
     if hub_id is None:
         raise MedtuneError(f"the run's base model is the local folder '{name}', which the Hub cannot resolve; give "
-                           "its hub id with --base-model ORG/NAME", file=str(run / "medtune.json"))
+                           "its hub id with --base-model ORG/NAME", file=str(run / META))
     return hub_id
 
 
@@ -91,12 +91,12 @@ def prepare_upload(folder: Path, run: Path, repo_id: str, hub_id: str) -> None:
         from medtune.run.card import render_card
 
         card.write_text(render_card(run, repo_id=repo_id, base_hub_id=hub_id), encoding="utf-8")
-    config = folder / "adapter_config.json"
+    config = folder / ADAPTER[1]  # adapter_config.json
     if config.is_file():
         data = json.loads(config.read_text(encoding="utf-8"))
         data["base_model_name_or_path"] = hub_id
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    recipe = folder / "recipe.yaml"
+    recipe = folder / RECIPE
     if recipe.is_file():
         data = _local_recipe(yaml.safe_load(recipe.read_text(encoding="utf-8")), hub_id)
         recipe.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

@@ -8,7 +8,7 @@
   as the janitor does but do not import it: it prints a traceback on import when its C++ helper is not
   compiled, and `Janitor.clean` cuts text out without saying which item it matched.
 - Near-duplicates: datasketch MinHash LSH over word 3-gram shingles, each LSH candidate confirmed by its
-  estimated Jaccard similarity; the first row of a group is kept, later ones are the duplicates.
+  exact Jaccard similarity; the first row of a group is kept, later ones are the duplicates.
 - PHI: presidio-analyzer's predefined pattern recognizers (no spaCy model needed: they run with
   nlp_artifacts=None) plus medtune pattern recognizers for medical record numbers and street addresses, which
   presidio lacks. Person names need an NER model; they are scanned only when a spaCy pipeline is installed.
@@ -140,6 +140,7 @@ def near_duplicates(examples: list[Example], cfg: DataConfig) -> tuple[list[Exam
     # then confirmed by its exact Jaccard similarity, so the MinHash estimate's noise flags no row
     lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=NUM_PERM, weights=(0.1, 0.9))
     kept, pairs = [], []
+    shingled: dict[int, set[str]] = {}  # LSH key → that example's shingles, computed once
     first_draw: dict[tuple[str, int], bool] = {}  # (file, row) → kept; data.sources mixing may draw a row again
     for i, ex in enumerate(examples):
         key = (ex.source, ex.row)
@@ -150,9 +151,9 @@ def near_duplicates(examples: list[Example], cfg: DataConfig) -> tuple[list[Exam
         shingles = _shingles(example_text(ex))
         m = MinHash(num_perm=NUM_PERM, seed=1)
         m.update_batch([s.encode("utf-8") for s in shingles])
-        twins = sorted(j for j in lsh.query(m) if _jaccard(shingles, _shingles(example_text(examples[j])))
-                       >= cfg.near_duplicate_threshold)
+        twins = sorted(j for j in lsh.query(m) if _jaccard(shingles, shingled[j]) >= cfg.near_duplicate_threshold)
         lsh.insert(i, m)
+        shingled[i] = shingles
         first_draw[key] = not (twins and cfg.near_duplicates == "drop")
         if twins:
             pairs.append(f"{_where(ex)} ~ {_where(examples[twins[0]])}")  # the earliest row it nearly copies
