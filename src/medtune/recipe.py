@@ -201,13 +201,16 @@ AXIS_KEY = re.compile(r"[a-z0-9_]+\.[A-Za-z0-9_]+")
 
 
 class GateAxis(Section):
-    gating: bool = Field(True, description="A regression on this axis fails the gate (false: reported only).")
-    tolerance: float = Field(0.0, ge=0, description="How far the axis may move the worse way, in the metric's own "
-                             "units (rates are 0-1: 0.02 = 2 points; perplexity: perplexity units).")
-    require: Literal["no_regression", "non_inferior"] = Field(
-        "no_regression", description="no_regression: regressed when the 95% interval lies entirely on the worse side "
-        "of 0 and the delta is worse than the tolerance. non_inferior (stricter, for safety axes): regressed unless "
-        "the interval's worse end stays within the tolerance.")
+    """One axis's settings in `gate.axes`; an unset (null) key keeps the axis's default (medtune.eval.gate.AXES:
+    gating, tolerance 0, no_regression for the axes medtune knows)."""
+
+    gating: bool | None = Field(None, description="A regression on this axis fails the gate (false: reported only).")
+    tolerance: float | None = Field(None, ge=0, description="How far the axis may move the worse way, in the "
+                                    "metric's own units (rates are 0-1: 0.02 = 2 points; perplexity: perplexity units).")
+    require: Literal["no_regression", "non_inferior"] | None = Field(
+        None, description="no_regression: regressed when the 95% interval lies entirely on the worse side of 0 and "
+        "the delta is worse than the tolerance. non_inferior (stricter, for safety axes): regressed unless the "
+        "interval's worse end stays within the tolerance.")
 
 
 class GateConfig(Section):

@@ -17,6 +17,7 @@ from medtune.eval.gate import (
     IMPROVED,
     NO_CHANGE,
     REGRESSED,
+    Axis,
     check_gate,
     gate_axes,
     gate_report,
@@ -24,7 +25,7 @@ from medtune.eval.gate import (
     read_gate_yaml,
 )
 from medtune.eval.results import TaskResult
-from medtune.recipe import GateAxis, GateConfig, load_recipe
+from medtune.recipe import GateConfig, load_recipe
 from medtune.train.loop import run_training
 
 
@@ -34,46 +35,51 @@ def row(delta, low, high, higher=True):
 
 @pytest.mark.parametrize(("r", "axis", "want"), [
     # higher is better (accuracy, refusal rate)
-    (row(0.03, 0.001, 0.05), GateAxis(), IMPROVED),
-    (row(0.03, 0.0, 0.05), GateAxis(), NO_CHANGE),  # the interval touches 0: not entirely on the better side
-    (row(-0.03, -0.05, -0.001), GateAxis(), REGRESSED),
-    (row(-0.03, -0.05, 0.0), GateAxis(), NO_CHANGE),  # touches 0: not entirely on the worse side
-    (row(-0.02, -0.05, -0.001), GateAxis(tolerance=0.02), NO_CHANGE),  # exactly the tolerance: allowed
-    (row(-0.0201, -0.05, -0.001), GateAxis(tolerance=0.02), REGRESSED),
-    (row(-0.03, -0.05, -0.001), GateAxis(tolerance=0.02, gating=False), REGRESSED),  # the verdict ignores gating
+    (row(0.03, 0.001, 0.05), Axis(), IMPROVED),
+    (row(0.03, 0.0, 0.05), Axis(), NO_CHANGE),  # the interval touches 0: not entirely on the better side
+    (row(-0.03, -0.05, -0.001), Axis(), REGRESSED),
+    (row(-0.03, -0.05, 0.0), Axis(), NO_CHANGE),  # touches 0: not entirely on the worse side
+    (row(-0.02, -0.05, -0.001), Axis(tolerance=0.02), NO_CHANGE),  # exactly the tolerance: allowed
+    (row(-0.0201, -0.05, -0.001), Axis(tolerance=0.02), REGRESSED),
+    (row(-0.03, -0.05, -0.001), Axis(tolerance=0.02, gating=False), REGRESSED),  # the verdict ignores gating
     # lower is better (perplexity, ece): deltas are read mirrored
-    (row(-3.0, -5.0, -1.0, higher=False), GateAxis(), IMPROVED),
-    (row(3.0, 1.0, 5.0, higher=False), GateAxis(), REGRESSED),
-    (row(3.0, 1.0, 5.0, higher=False), GateAxis(tolerance=3.0), NO_CHANGE),
-    (row(3.0, 1.0, 5.0, higher=False), GateAxis(tolerance=2.9), REGRESSED),
-    (row(3.0, -1.0, 5.0, higher=False), GateAxis(), NO_CHANGE),
+    (row(-3.0, -5.0, -1.0, higher=False), Axis(), IMPROVED),
+    (row(3.0, 1.0, 5.0, higher=False), Axis(), REGRESSED),
+    (row(3.0, 1.0, 5.0, higher=False), Axis(tolerance=3.0), NO_CHANGE),
+    (row(3.0, 1.0, 5.0, higher=False), Axis(tolerance=2.9), REGRESSED),
+    (row(3.0, -1.0, 5.0, higher=False), Axis(), NO_CHANGE),
     # non_inferior: the interval's worse end must stay within the tolerance
-    (row(-0.01, -0.03, 0.01), GateAxis(tolerance=0.02, require="non_inferior"), REGRESSED),
-    (row(-0.01, -0.02, 0.01), GateAxis(tolerance=0.02, require="non_inferior"), NO_CHANGE),  # on the boundary
-    (row(-0.01, -0.019, -0.001), GateAxis(tolerance=0.02, require="non_inferior"), NO_CHANGE),  # worse, within it
-    (row(0.02, 0.001, 0.03), GateAxis(tolerance=0.02, require="non_inferior"), IMPROVED),
-    (row(0.0, 0.0, 0.0), GateAxis(require="non_inferior"), NO_CHANGE),
-    (row(0.0, -0.001, 0.001), GateAxis(require="non_inferior"), REGRESSED),
-    (row(0.5, -1.0, 2.5, higher=False), GateAxis(tolerance=2.0, require="non_inferior"), REGRESSED),
-    (row(0.5, -1.0, 2.0, higher=False), GateAxis(tolerance=2.0, require="non_inferior"), NO_CHANGE),
+    (row(-0.01, -0.03, 0.01), Axis(tolerance=0.02, require="non_inferior"), REGRESSED),
+    (row(-0.01, -0.02, 0.01), Axis(tolerance=0.02, require="non_inferior"), NO_CHANGE),  # on the boundary
+    (row(-0.01, -0.019, -0.001), Axis(tolerance=0.02, require="non_inferior"), NO_CHANGE),  # worse, within it
+    (row(0.02, 0.001, 0.03), Axis(tolerance=0.02, require="non_inferior"), IMPROVED),
+    (row(0.0, 0.0, 0.0), Axis(require="non_inferior"), NO_CHANGE),
+    (row(0.0, -0.001, 0.001), Axis(require="non_inferior"), REGRESSED),
+    (row(0.5, -1.0, 2.5, higher=False), Axis(tolerance=2.0, require="non_inferior"), REGRESSED),
+    (row(0.5, -1.0, 2.0, higher=False), Axis(tolerance=2.0, require="non_inferior"), NO_CHANGE),
 ])
 def test_verdicts(r, axis, want):
     assert judge(r, axis) == want
 
 
 def test_axes_defaults_overrides_and_additions():
-    assert AXES["perplexity.perplexity"] == GateAxis() and AXES["medqa.ece"] == GateAxis()
+    assert AXES["perplexity.perplexity"] == Axis() and AXES["medqa.ece"] == Axis()
     cfg = GateConfig(tasks=["perplexity"], data={"medqa": "m.jsonl"},
                      axes={"medqa.acc": {"tolerance": 0.02}, "medqa.brier": {"gating": False}})
     axes = gate_axes(cfg, ["perplexity", "medqa"])
     assert list(axes) == ["perplexity.perplexity", "medqa.acc", "medqa.ece", "medqa.brier"]  # not acc_norm
-    assert axes["medqa.acc"] == GateAxis(tolerance=0.02) and axes["medqa.brier"] == GateAxis(gating=False)
+    assert axes["medqa.acc"] == Axis(tolerance=0.02) and axes["medqa.brier"] == Axis(gating=False)
 
 
 def test_partial_override_keeps_the_axis_defaults(monkeypatch):
-    monkeypatch.setitem(AXES, "medqa.acc", GateAxis(tolerance=0.05, require="non_inferior"))  # a one-line entry
+    monkeypatch.setitem(AXES, "medqa.acc", Axis(tolerance=0.05, require="non_inferior"))  # a one-line entry
     axes = gate_axes(GateConfig(tasks=["medqa"], axes={"medqa.acc": {"tolerance": 0.01}}), ["medqa"])
-    assert axes["medqa.acc"] == GateAxis(tolerance=0.01, require="non_inferior")
+    assert axes["medqa.acc"] == Axis(tolerance=0.01, require="non_inferior")
+    # the same through a run's recipe.yaml, which is written resolved: unset keys stay null, defaults still apply
+    cfg = load_recipe(None, ["gate.tasks=[medqa]", "gate.axes={medqa.acc: {tolerance: 0.01}}"]).gate
+    resolved = GateConfig.model_validate(cfg.model_dump(mode="json"))
+    assert resolved.axes["medqa.acc"].require is None
+    assert gate_axes(resolved, ["medqa"])["medqa.acc"] == Axis(tolerance=0.01, require="non_inferior")
 
 
 def test_report_fails_only_on_gating_axes():
@@ -234,7 +240,7 @@ def test_gate_command_passes_a_normal_run(gated_run, write_file, capsys):
     assert "| axis | base | tuned | delta | 95% CI | tolerance | verdict |" in out
     assert "release gate: PASS: no gating axis regressed (3 axes:" in out and "regressed:" not in out
     for a in report["axes"]:
-        assert a["ci_low"] <= a["delta"] <= a["ci_high"] and a["verdict"] == judge(a, GateAxis(**{
+        assert a["ci_low"] <= a["delta"] <= a["ci_high"] and a["verdict"] == judge(a, Axis(**{
             k: a[k] for k in ("gating", "tolerance", "require")}))
         assert f"| {a['axis']} | " in out
     from matplotlib.image import imread

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -32,7 +33,7 @@ from medtune.eval.report import write_json
 from medtune.eval.results import TaskResult
 from medtune.eval.suite import TASKS, EvalOptions, _statistics, run_eval
 from medtune.generate import Loaded
-from medtune.recipe import GateAxis, GateConfig, Recipe, load_recipe
+from medtune.recipe import GateConfig, Recipe, load_recipe
 from medtune.run.card import number, table, write_card
 from medtune.run.layout import CARD, GATE, GATE_PLOT, RECIPE
 from medtune.run.meta import is_run_dir
@@ -42,17 +43,28 @@ log = logging.getLogger("medtune")
 IMPROVED, NO_CHANGE, REGRESSED = "improved", "no significant change", "regressed"
 _EPS = 1e-9  # float noise allowed when a delta sits exactly on its tolerance
 
+
+
+@dataclass(frozen=True)
+class Axis:
+    """An axis's resolved settings (recipe gate.axes over its AXES entry); see the module doc."""
+
+    gating: bool = True
+    tolerance: float = 0.0  # in the metric's own units
+    require: str = "no_regression"  # or "non_inferior"
+
+
 # Axes the gate knows: task.metric → its defaults (one line per axis; gate.axes overrides any key of them).
-AXES: dict[str, GateAxis] = {
-    "perplexity.perplexity": GateAxis(),
-    **{f"{b}.{m}": GateAxis() for b in BENCHMARKS for m in ("acc", "ece")},
-    "rouge.rougeL": GateAxis(),
+AXES: dict[str, Axis] = {
+    "perplexity.perplexity": Axis(),
+    **{f"{b}.{m}": Axis() for b in BENCHMARKS for m in ("acc", "ece")},
+    "rouge.rougeL": Axis(),
 }
 # EvalOptions the gate sets itself; gate.options may set any other.
 _OWN_OPTIONS = {"model", "tasks", "data", "compare_base", "limit", "bootstrap"}
 
 
-def judge(row: dict, axis: GateAxis) -> str:
+def judge(row: dict, axis: Axis) -> str:
     """The verdict of one delta row {delta, ci_low, ci_high, higher_is_better} under `axis` (see module doc)."""
     sign = 1.0 if row["higher_is_better"] else -1.0
     gain = sign * row["delta"]  # > 0: better
@@ -69,15 +81,16 @@ def suite_tasks(cfg: GateConfig) -> list[str]:
     return list(dict.fromkeys([*cfg.tasks, *cfg.data]))
 
 
-def gate_axes(cfg: GateConfig, tasks: list[str]) -> dict[str, GateAxis]:
-    """task.metric → its settings: the suite's axes in AXES and gate.axes, gate.axes keys over the defaults."""
+def gate_axes(cfg: GateConfig, tasks: list[str]) -> dict[str, Axis]:
+    """task.metric → its settings: the suite's axes in AXES and gate.axes, gate.axes keys (unless null) over the
+    defaults."""
     out = {}
     for task in tasks:
         for metric in _statistics(task):
             key = f"{task}.{metric}"
             if key in cfg.axes:
-                mine = cfg.axes[key]
-                out[key] = AXES.get(key, GateAxis()).model_copy(update=mine.model_dump(include=mine.model_fields_set))
+                mine = {k: v for k, v in cfg.axes[key].model_dump().items() if v is not None}
+                out[key] = dataclasses.replace(AXES.get(key, Axis()), **mine)
             elif key in AXES:
                 out[key] = AXES[key]
     return out
@@ -131,7 +144,7 @@ def gate_config(run_dir: str | Path, config: str | None = None, *, data: list[st
     update = {"data": paths, **({"limit": limit} if limit is not None else {}),
               **({"bootstrap": bootstrap} if bootstrap is not None else {})}
     try:
-        return GateConfig.model_validate({**cfg.model_dump(), **update})
+        return GateConfig.model_validate({**cfg.model_dump(exclude_unset=True), **update})
     except ValidationError as e:
         first = e.errors()[0]
         raise MedtuneError(f"{first['msg']} (got {first.get('input')!r})",
@@ -186,7 +199,7 @@ def gate_report(results: list[TaskResult], cfg: GateConfig, **context) -> dict:
         d = rows[key]
         task, metric = key.split(".", 1)
         axes.append({"axis": key, "task": task, "metric": metric, **{k: d[k] for k in (
-            "base", "tuned", "delta", "ci_low", "ci_high", "higher_is_better", "n")}, **axis.model_dump(),
+            "base", "tuned", "delta", "ci_low", "ci_high", "higher_is_better", "n")}, **dataclasses.asdict(axis),
             "verdict": judge(d, axis)})
     regressed = [a["axis"] for a in axes if a["gating"] and a["verdict"] == REGRESSED]
     return {"passed": not regressed, "verdict": "fail" if regressed else "pass", "regressed": regressed,
