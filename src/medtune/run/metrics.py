@@ -147,7 +147,7 @@ def perplexity_figure(base: float, tuned: float):
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     bars = ax.bar(["base model", "tuned model"], [base, tuned], color=["#9e9e9e", "#1f77b4"], width=0.6)
-    ax.bar_label(bars, labels=[f"{base:.2f}", f"{tuned:.2f}"], padding=3)
+    ax.bar_label(bars, labels=[f"{base:.4g}", f"{tuned:.4g}"], padding=3)
     ax.set(title="Held-out perplexity (lower is better)", ylabel="perplexity", ylim=(0, max(base, tuned) * 1.15))
     ax.grid(axis="y", alpha=0.3)
     return fig

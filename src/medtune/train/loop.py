@@ -280,7 +280,7 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
             base = {"eval_loss": base_ppl.loss, "eval_ppl": base_ppl.perplexity, "eval_tokens": base_ppl.tokens}
         state.base_eval = {f"base_{k}": v for k, v in base.items()}
         log.info("base model on held-out data: loss %.4f%s", base["eval_loss"],
-                 f", perplexity {base['eval_ppl']:.2f}" if "eval_ppl" in base else "")
+                 f", perplexity {base['eval_ppl']:.4g}" if "eval_ppl" in base else "")
         tracker.log({k: base[k] for k in ("eval_loss", "eval_ppl") if k in base}, step=0)
 
     # ---- train ---------------------------------------------------------------------------------------------
