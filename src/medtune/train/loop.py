@@ -467,7 +467,8 @@ def _sample_answers(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool, dat
     the first `samples.from_eval` held-out rows; greedy, with the recipe's repetition control."""
     cfg = recipe.samples
     conversations = [(user_turn(p, recipe.tokenizer.system_prompt), None) for p in cfg.prompts]
-    conversations += [(p, ref) for p, ref in zip(data.eval_prompts[: cfg.from_eval], data.eval_references, strict=False)
+    refs = data.eval_references
+    conversations += [(p, refs[i] if i < len(refs) else None) for i, p in enumerate(data.eval_prompts[: cfg.from_eval])
                       if p]  # held-out rows: never trained on; their own answer is the reference
     if not conversations:
         return []
