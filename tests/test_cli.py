@@ -357,3 +357,82 @@ def test_signal_checkpoints_and_resume_finishes(signum, code, tiny_model_dir, tm
     loss_steps = [json.loads(line)["step"] for line in (out_dir / "metrics.jsonl").read_text().splitlines()
                   if '"loss"' in line]
     assert loss_steps[-2:] == [step + 1, step + 2], loss_steps
+
+
+# ---- the side-by-side and the figures `medtune train` prints ------------------------------------------------------
+
+LONG = ("Gout is a form of inflammatory arthritis caused by urate crystals in a joint, often the big toe; attacks "
+        "come on suddenly with pain, swelling and redness, and they are treated with anti-inflammatory drugs.")
+
+
+@pytest.mark.parametrize("width", [80, 100, 123, 40])
+def test_side_by_side_fits_the_terminal_width(width, monkeypatch, capsys):
+    from medtune.cli import _print_side_by_side
+    from medtune.run.card import NOT_FACT_CHECKED
+
+    monkeypatch.setenv("COLUMNS", str(width))
+    _print_side_by_side([{"prompt": "What is gout? " * 8, "base": LONG, "tuned": LONG.upper(),
+                          "reference": "A painful joint disease caused by uric acid crystals."}])
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= width, out
+    flat = " ".join(out.split())
+    assert NOT_FACT_CHECKED in flat  # said plainly, next to the answers
+    assert "REFERENCE (held-out answer): A painful joint disease caused by uric acid crystals." in flat
+    if width >= 51:  # two columns of at least 24
+        assert re.search(r"^BASE +\| TUNED$", out, re.M)
+    else:
+        assert "\nBASE:\n" in out and "\nTUNED:\n" in out
+
+
+def test_side_by_side_keeps_every_word_in_its_column():
+    from medtune.sidebyside import side_by_side
+
+    text = side_by_side([{"prompt": "p", "base": LONG, "tuned": "Short."}], width=80)
+    lines = text.splitlines()
+    rows = lines[lines.index("-" * 38 + "-+-" + "-" * 38) + 1:]  # under the header's rule
+    col = (80 - 3) // 2
+    assert " ".join(r[:col].strip() for r in rows).split() == LONG.split()
+    assert " ".join(r[col + 3:].strip() for r in rows).split() == ["Short."]
+
+
+def test_train_prints_the_perplexity_the_card_shows(monkeypatch, capsys, tmp_path):
+    from medtune.run.card import results
+    from medtune.train import loop
+
+    metrics = {"steps": 10, "train_seconds": 3.0, "tokens_per_s": 100.0, "train_loss": 2.0, "base_eval_ppl": 15.544,
+               "eval_ppl": 8.4173, "base_eval_loss": 2.74, "eval_loss": 2.13}
+    monkeypatch.setattr(loop, "run_training", lambda recipe, force=False: loop.TrainResult(tmp_path, metrics, []))
+    code, out, err = run_cli(capsys, "train", QUICKSTART)
+    assert code == 0, err
+    assert "held-out perplexity: base 15.54 -> tuned 8.417" in out
+    assert "| perplexity | 15.54 | 8.417 |" in results(metrics, {})  # the same figures, rounded the same way
+
+
+def test_train_help_lists_allowed_values(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "One of: adamw, adamw_fused, sgd." in out and "One of: linear, cosine, constant, constant_with_warmup." in out
+    assert "One of: tensorboard, wandb, mlflow." in out
+
+
+# ---- setup and the demo's time (README is the one place) ---------------------------------------------------------
+
+def test_make_setup_shows_progress():
+    proc = subprocess.run(["make", "-n", "-B", "setup"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    pip = [line for line in proc.stdout.splitlines() if "pip install" in line]
+    assert len(pip) == 3 and not any(re.search(r"\s-q\b|--quiet", line) for line in pip), pip  # pip's own progress
+    steps = re.findall(r"medtune setup \[(\d)/4\]", proc.stdout)
+    assert steps == ["1", "2", "3", "4"]  # a line per step
+
+
+def test_demo_time_is_stated_once_and_the_others_point_to_it():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert readme.count("**How long `make demo` takes**") == 1
+    assert "2 min 12 s wall after\ninstall, 84 s of it training the 27 steps" in readme
+    for path in (REPO / "recipes" / "quickstart.yaml", REPO / "docs" / "speed.md"):
+        text = path.read_text(encoding="utf-8")
+        assert "How long `make demo` takes" in text, path
+        assert not re.search(r"~\s?\d+\s?(min|s)\b", text), path  # was "~5 min" (recipe), "~85 s" (docs)
+    assert not re.search(r"~\s?\d+\s?(min|s)\b", readme)  # was "~2 min after install"

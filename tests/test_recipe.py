@@ -100,6 +100,37 @@ def test_unknown_data_format():
     assert "'text', 'messages', 'instruction', 'qa', 'template' or 'preference'" in str(err)
 
 
+@pytest.mark.parametrize("override, meant", [
+    ("lora.rank=8", "lora.r"),                    # another tool's name for the key
+    ("train.learning_rate=1e-4", "train.lr"),
+    ("train.optimiser=sgd", "train.optimizer"),   # a typo
+    ("lora.alpah=8", "lora.alpha"),
+    ("train.rank=8", "lora.r"),                   # right name, wrong section
+    ("max_length=256", "data.max_length"),
+])
+def test_unknown_key_suggests_the_nearest_one(override, meant):
+    key = override.split("=")[0]
+    assert str(error(None, [override])) == (f"command line, field '{key}': unknown recipe key '{key}' "
+                                           f"(did you mean {meant}?)")
+
+
+def test_unknown_key_in_the_file_suggests_the_nearest_one(write_file):
+    path = write_file("med.yaml", "lora:\n  rank: 8\n")
+    assert str(error(path)) == f"{path}, field 'lora.rank': unknown recipe key 'lora.rank' (did you mean lora.r?)"
+
+
+def test_unknown_key_with_no_near_one_points_to_help():
+    assert str(error(None, ["zzz=1"])).endswith("unknown recipe key 'zzz' (see `medtune train --help` for the keys)")
+
+
+@pytest.mark.parametrize("alias, fmt", [("alpaca", "instruction"), ("sharegpt", "messages"), ("ShareGPT", "messages")])
+def test_alpaca_and_sharegpt_are_aliases_of_data_formats(alias, fmt, write_file):
+    assert load_recipe(None, [f"data.format={alias}"]).data.format == fmt
+    assert load_recipe(None, [f"data.replay.format={alias}"]).data.replay.format == fmt
+    path = write_file("mix.yaml", f"data:\n  sources:\n    - path: a.jsonl\n      format: {alias}\n")
+    assert load_recipe(path).data.sources[0].format == fmt
+
+
 def test_override_that_is_not_key_value():
     msg = str(error(None, ["lora.r"]))
     assert "command line" in msg and msg.endswith(": override 'lora.r' is not key=value")
@@ -164,6 +195,33 @@ def test_recipe_help_lists_every_key_with_a_description():
             assert lines[i + 1].startswith("      ") and lines[i + 1].strip(), f"no description for {line}"
     assert "  lora.r = 16\n      LoRA rank." in text
     assert "  quant.load_in_4bit = False\n" in text
+
+
+@pytest.mark.parametrize("key, values", [
+    ("train.optimizer", "adamw, adamw_fused, sgd"),
+    ("train.lr_scheduler", "linear, cosine, constant, constant_with_warmup"),
+    ("report_to", "tensorboard, wandb, mlflow"),
+    ("data.format", "text, messages, instruction, qa, template, preference"),
+    ("train.objective", "sft, dpo, orpo"),
+    ("eval.after_train", "perplexity, medqa, pubmedqa, mmlu_medical, medmcqa, rouge"),
+    ("quant.quant_type", "nf4, fp4"),
+])
+def test_recipe_help_lists_the_allowed_values_of_choice_fields(key, values):
+    lines = recipe_help().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"  {key} = "))
+    assert lines[at + 1].endswith(f" One of: {values}.")
+
+
+def test_recipe_help_lists_values_for_every_literal_field_and_not_for_free_ones():
+    from medtune.recipe_keys import choices
+
+    lines = recipe_help().splitlines()
+    described = {line.split(" = ")[0].strip(): lines[i + 1] for i, line in enumerate(lines) if " = " in line
+                 and not line.startswith("    ")}
+    assert "One of:" in described["tokenizer.padding_side"] and "One of:" in described["train.nan_policy"]
+    assert "One of:" not in described["lora.target_modules"]  # names of layers, or all-linear: not a closed set
+    assert "One of:" not in described["lora.r"]
+    assert choices(Recipe.model_fields["report_to"].annotation) == ["tensorboard", "wandb", "mlflow"]
 
 
 # ---- the recipe's model, offline -----------------------------------------------------------------------------------

@@ -105,3 +105,55 @@ def test_plain_model_shows_one_column(tiny_model_dir):
     by_id = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c["props"].get("elem_id")}
     assert by_id["base-answer"]["label"] == "Model" and by_id["tuned-answer"]["visible"] is False
     assert "not medical advice" in by_id["notice"]["value"].lower()
+
+
+def test_launch_prints_no_share_hint(tiny_model_dir, capsys):
+    from medtune.ui import launch_options
+
+    demo = build_ui(load_for_inference(str(tiny_model_dir), precision="fp32"))
+    capsys.readouterr()
+    demo.queue().launch(**launch_options("127.0.0.1", free_port(), False), prevent_thread_lock=True)
+    try:
+        out = capsys.readouterr().out
+    finally:
+        demo.close()
+    assert "share=True" not in out and "public link" not in out
+
+
+def answer_fn(demo):
+    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "answer")
+
+
+def test_answers_sit_under_the_fact_check_notice_with_the_reference(tiny_model_dir):
+    from medtune.run.card import NOT_FACT_CHECKED
+
+    held_out = "How is gout treated?"
+    demo = build_ui(load_for_inference(str(tiny_model_dir), precision="fp32"), references={held_out: "NSAIDs first."})
+    config = demo.get_config_file()
+    by_id = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c["props"].get("elem_id")}
+    assert NOT_FACT_CHECKED in by_id["fact-check"]["value"] and "not fact-checked" in by_id["fact-check"]["value"].lower()
+    assert by_id["reference"]["visible"] is True
+    examples = next(c["props"] for c in config["components"] if c["type"] == "dataset")["samples"]
+    assert [held_out] in examples  # the held-out prompts are offered first
+    answer = answer_fn(demo)
+    assert list(answer(held_out, "", 2, 0.0, 1.0))[-1][2] == "NSAIDs first."
+    assert list(answer("What is acne?", "", 2, 0.0, 1.0))[-1][2] == ""  # no held-out row: no reference
+
+
+def test_plain_model_has_no_reference_box_but_the_notice(tiny_model_dir):
+    demo = build_ui(load_for_inference(str(tiny_model_dir), precision="fp32"))
+    by_id = {c["props"].get("elem_id"): c["props"] for c in demo.get_config_file()["components"]
+             if c["props"].get("elem_id")}
+    assert by_id["reference"]["visible"] is False and "not fact-checked" in by_id["fact-check"]["value"].lower()
+
+
+def test_run_references_come_from_the_runs_samples(tiny_runs, tmp_path):
+    from medtune.ui import run_references
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["alpha"], run)
+    (run / "samples.json").write_text('[{"prompt": "What is gout?", "base": "a", "tuned": "b"}, '
+                                      '{"prompt": "How is gout treated?", "base": "a", "tuned": "b", '
+                                      '"reference": "NSAIDs first."}]')
+    assert run_references(run) == {"How is gout treated?": "NSAIDs first."}
+    assert run_references(tmp_path) == {}  # not a run

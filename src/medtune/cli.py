@@ -7,7 +7,6 @@ import logging
 import os
 import shlex
 import sys
-import textwrap
 from pathlib import Path
 
 from medtune.errors import MedtuneError
@@ -51,7 +50,9 @@ def cmd_train(args) -> int:
     print(f"trained {int(m['steps'])} steps in {m['train_seconds']:.0f} s ({m['tokens_per_s']:.0f} tokens/s), "
           f"final train loss {m['train_loss']:.4f}")
     if "base_eval_ppl" in m and "eval_ppl" in m:
-        print(f"held-out perplexity: base {m['base_eval_ppl']:.2f} -> tuned {m['eval_ppl']:.2f}")
+        from medtune.run.card import number  # the card's rounding: one figure everywhere
+
+        print(f"held-out perplexity: base {number(m['base_eval_ppl'])} -> tuned {number(m['eval_ppl'])}")
     _print_side_by_side(result.samples)
     print(f"\nnext: medtune chat {result.run_dir}    |    model card: {result.run_dir / 'README.md'}")
     if result.gate is not None:
@@ -301,17 +302,11 @@ def cmd_bench_eval(args) -> int:
     return 1 if any(s.get("error") for s in result["systems"].values()) else 0
 
 
-def _print_side_by_side(samples: list[dict], width: int = 60) -> None:
-    for s in samples:
-        print(f"\n### {s['prompt']}")
-        left = textwrap.wrap(s["base"], width) or [""]
-        right = textwrap.wrap(s["tuned"], width) or [""]
-        print(f"{'BASE':<{width}} | TUNED")
-        print(f"{'-' * width}-+-{'-' * width}")
-        for i in range(max(len(left), len(right))):
-            a = left[i] if i < len(left) else ""
-            b = right[i] if i < len(right) else ""
-            print(f"{a:<{width}} | {b}")
+def _print_side_by_side(samples: list[dict]) -> None:
+    from medtune.sidebyside import side_by_side
+
+    if samples:
+        print("\n" + side_by_side(samples))
 
 
 # ---- parser --------------------------------------------------------------------------------------------------

@@ -36,6 +36,12 @@ class Loaded:
     max_length: int
     autocast: torch.dtype | None
 
+    def label(self, what: str, use_adapter: bool = True) -> str:
+        """A progress bar's name that says which model runs: `perplexity (base)` / `(tuned)` for a run."""
+        if not self.has_adapter:
+            return what
+        return f"{what} ({'tuned' if use_adapter else 'base'})"
+
 
 def load_for_inference(model_or_run: str, *, device: str = "auto", precision: str = "auto",
                        template: str = "auto", max_length: int = 2048) -> Loaded:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medtune.errors import MedtuneError
+from medtune.recipe_keys import choices, suggest_key
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -24,6 +25,11 @@ class Section(BaseModel):
 
 
 FORMATS = Literal["text", "messages", "instruction", "qa", "template"]
+FORMAT_ALIASES = {"alpaca": "instruction", "sharegpt": "messages"}  # the names other tools give these layouts
+
+
+def _format_alias(v: Any) -> Any:
+    return FORMAT_ALIASES.get(v.lower(), v) if isinstance(v, str) else v
 
 
 class DataSource(Section):
@@ -35,6 +41,8 @@ class DataSource(Section):
     prompt_template: str | None = Field(None, description="format=template: this source's prompt; default data.prompt_template.")
     response_template: str | None = Field(None, description="format=template: this source's answer; default data.response_template.")
 
+    _alias = field_validator("format", mode="before")(_format_alias)
+
 
 class ReplayConfig(Section):
     path: str | None = Field(None, description="General (non-medical) instruction data mixed in against forgetting, "
@@ -44,6 +52,8 @@ class ReplayConfig(Section):
     format: FORMATS = Field("qa", description="Format of the replay data (demo:general is qa).")
     columns: dict[str, str] = Field(default_factory=dict, description="Column map of the replay data.")
 
+    _alias = field_validator("format", mode="before")(_format_alias)
+
 
 class DataConfig(Section):
     path: str = Field("demo:terms", description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, "
@@ -51,7 +61,8 @@ class DataConfig(Section):
     format: Literal["text", "messages", "instruction", "qa", "template", "preference"] = Field(
         "template", description="How rows become conversations: text (pre-formatted strings), messages (chat turns), "
         "instruction (instruction/input/output), qa (question/answer), template (prompt and response built from columns), "
-        "preference (prompt/chosen/rejected, as strings or chat-turn lists; for train.objective dpo or orpo).")
+        "preference (prompt/chosen/rejected, as strings or chat-turn lists; for train.objective dpo or orpo). "
+        "alpaca and sharegpt are accepted as instruction and messages.")
     columns: dict[str, str] = Field(default_factory=dict, description="Map medtune's field names to your column names, "
                                     "e.g. {question: Question, answer: Answer}.")
     prompt_template: str | None = Field(None, description="format=template: Jinja text of the user prompt; columns are "
@@ -90,6 +101,8 @@ class DataConfig(Section):
     @classmethod
     def _yaml_off(cls, v):
         return "off" if v is False else v  # YAML reads a bare `off` as false
+
+    _alias = field_validator("format", mode="before")(_format_alias)
     sources: list[DataSource] = Field(default_factory=list, description="Several weighted sources mixed by "
                                       "datasets.interleave_datasets (seeded by train.seed) instead of data.path: a list "
                                       "of {path, weight (default 1), format, columns, prompt_template, response_template}; "
@@ -352,7 +365,9 @@ def _explain(err: ValidationError, source: str, overrides: dict | None = None,
     if overrides and _has_path(overrides, first["loc"]):
         source = override_source  # the mistake is in a key=value override, not in the file
     if first["type"] == "extra_forbidden":
-        return MedtuneError(f"unknown recipe key '{key}' (see `medtune train --help` for the keys)", file=source, field=key)
+        meant = suggest_key(Recipe, key)
+        hint = f"did you mean {meant}?" if meant else "see `medtune train --help` for the keys"
+        return MedtuneError(f"unknown recipe key '{key}' ({hint})", file=source, field=key)
     got = first.get("input")
     return MedtuneError(f"{first['msg']} (got {got!r})", file=source, field=key)
 
@@ -395,7 +410,9 @@ def recipe_help() -> str:
                 walk(ann, f"{prefix}{key}.")
                 continue
             default = field.get_default(call_default_factory=True)
-            lines.append(f"  {prefix}{key} = {default!r}\n      {field.description or ''}")
+            allowed = choices(ann)
+            one_of = f" One of: {', '.join(allowed)}." if allowed else ""
+            lines.append(f"  {prefix}{key} = {default!r}\n      {field.description or ''}{one_of}")
 
     walk(Recipe, "")
     return "\n".join(lines)

@@ -36,6 +36,16 @@ class ChatSetup:
     added_tokens: int = 0  # new tokens added to the vocabulary (embeddings must be resized)
 
 
+# (marker in a template's text, the layout it belongs to), first match wins: names a tokenizer's own template
+TEMPLATE_LAYOUTS = (("<|im_start|>", "ChatML"), ("<|start_header_id|>", "Llama 3"), ("[INST]", "Llama 2"),
+                    ("<start_of_turn>", "Gemma"), ("<|user|>", "Zephyr / Phi-3"))
+
+
+def template_layout(text: str) -> str | None:
+    """The well-known layout a chat template writes (ChatML, Llama 3, Llama 2, ...), None when it is none of them."""
+    return next((name for marker, name in TEMPLATE_LAYOUTS if marker in text), None)
+
+
 def shipped_template(name: str) -> str:
     return resources.files("medtune.templates").joinpath(f"{name}.jinja").read_text(encoding="utf-8")
 

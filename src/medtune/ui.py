@@ -8,6 +8,7 @@ one at a time. A plain model (no adapter) gets one column.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from medtune.errors import MedtuneError
 from medtune.generate import Loaded, generate, user_turn
+from medtune.run.layout import SAMPLES
 from medtune.run.meta import is_run_dir
 
 EXAMPLES = [
@@ -53,14 +55,24 @@ def stream_answer(loaded: Loaded, prompt: str, system: str | None, *, use_adapte
         yield text.strip()
 
 
-def build_ui(loaded: Loaded, system_prompt: str | None = None):
-    """The Gradio Blocks app for a loaded model or run."""
+def run_references(model_or_run: str | Path) -> dict[str, str]:
+    """{prompt: reference answer} of a run's held-out sample prompts (samples.json, `samples.from_eval`)."""
+    path = Path(model_or_run) / SAMPLES
+    if not is_run_dir(str(model_or_run)) or not path.is_file():
+        return {}
+    return {s["prompt"]: s["reference"] for s in json.loads(path.read_text(encoding="utf-8")) if s.get("reference")}
+
+
+def build_ui(loaded: Loaded, system_prompt: str | None = None, references: dict[str, str] | None = None):
+    """The Gradio Blocks app for a loaded model or run. `references`: held-out prompts (offered as examples) and
+    their reference answers, shown beside the model's answers when that prompt is asked."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from medtune.run.card import NOT_MEDICAL_ADVICE
+    from medtune.run.card import NOT_FACT_CHECKED, NOT_MEDICAL_ADVICE
 
     side_by_side = loaded.has_adapter
+    references = references or {}
     with gr.Blocks(title=f"medtune · {loaded.name}") as demo:
         gr.Markdown(f"## medtune · `{loaded.name}`")
         gr.Markdown(f"**⚠ Not medical advice.** {NOT_MEDICAL_ADVICE}", elem_id="notice")
@@ -76,30 +88,40 @@ def build_ui(loaded: Loaded, system_prompt: str | None = None):
                               elem_id="base-answer")
             tuned = gr.Textbox(label="Tuned model (base + adapter)", lines=12, interactive=False,
                                elem_id="tuned-answer", visible=side_by_side)
+        reference = gr.Textbox(label="Reference answer (from the held-out row this prompt comes from)", lines=4,
+                               interactive=False, elem_id="reference", visible=bool(references))
+        gr.Markdown(f"**Not fact-checked.** {NOT_FACT_CHECKED}", elem_id="fact-check")
         with gr.Accordion("Sampling", open=False):
             system = gr.Textbox(label="System message", value=system_prompt or "", elem_id="system")
             max_new_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens")
             temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
             top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
-        gr.Examples(EXAMPLES, inputs=prompt)
+        gr.Examples([*references, *EXAMPLES], inputs=prompt)
 
         def answer(text, system_text, max_tokens, temp, p):
+            ref = references.get(text.strip(), "")
             if not text.strip():
-                yield "", ""
+                yield "", "", ""
                 return
             knobs = dict(max_new_tokens=int(max_tokens), temperature=float(temp), top_p=float(p))
             base_text = ""
             for base_text in stream_answer(loaded, text, system_text, use_adapter=False, **knobs):
-                yield base_text, ""
+                yield base_text, "", ref
             if side_by_side:
                 for tuned_text in stream_answer(loaded, text, system_text, use_adapter=True, **knobs):
-                    yield base_text, tuned_text
+                    yield base_text, tuned_text, ref
 
-        inputs = [prompt, system, max_new_tokens, temperature, top_p]
-        submit.click(answer, inputs, [base, tuned], concurrency_limit=1)
-        prompt.submit(answer, inputs, [base, tuned], concurrency_limit=1)
-        clear.click(lambda: ("", "", ""), None, [prompt, base, tuned])
+        inputs, outputs = [prompt, system, max_new_tokens, temperature, top_p], [base, tuned, reference]
+        submit.click(answer, inputs, outputs, concurrency_limit=1)
+        prompt.submit(answer, inputs, outputs, concurrency_limit=1)
+        clear.click(lambda: ("", "", "", ""), None, [prompt, *outputs])
     return demo
+
+
+def launch_options(host: str, port: int, share: bool) -> dict:
+    """Blocks.launch arguments: quiet, because `medtune ui` prints its own address line (and Gradio would add a
+    "set `share=True`" hint that `medtune ui --share` already covers); a share link is still printed."""
+    return dict(server_name=host, server_port=port, share=share, quiet=True)
 
 
 def launch_ui(model_or_run: str, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
@@ -110,4 +132,4 @@ def launch_ui(model_or_run: str, *, host: str = "127.0.0.1", port: int = 7860, s
     loaded = load_for_inference(model_or_run, device=device, template=template)
     if system is None and is_run_dir(model_or_run):
         system = run_system_prompt(Path(model_or_run))
-    build_ui(loaded, system).queue().launch(server_name=host, server_port=port, share=share)
+    build_ui(loaded, system, run_references(model_or_run)).queue().launch(**launch_options(host, port, share))

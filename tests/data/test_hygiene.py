@@ -302,3 +302,22 @@ def test_a_row_the_mix_draws_again_is_not_its_own_near_duplicate():
     copy = Example("other.jsonl", 7, messages=a.messages)  # a real near-copy from another file
     kept, report = near_duplicates([a, a, copy, a], DataConfig(near_duplicates="drop"))
     assert kept == [a, a, a] and report["duplicate_rows"] == 1
+
+
+def test_phi_scan_does_not_log_presidio_device_line(monkeypatch, caplog):
+    """presidio logs "Using device of type: cpu" when imported: it must not reach the terminal of data/eval commands."""
+    import logging
+    import sys
+
+    import medtune.data.hygiene as hygiene
+
+    for name in [m for m in sys.modules if m.startswith("presidio_analyzer")]:
+        monkeypatch.delitem(sys.modules, name)  # import presidio afresh, as a new process does
+    monkeypatch.setattr(logging.getLogger("presidio-analyzer"), "level", logging.NOTSET)
+    caplog.set_level(logging.INFO)
+    hygiene._recognizers.cache_clear()
+    try:
+        assert hygiene.find_phi("write to a@b.com") == [(9, 16, "EMAIL_ADDRESS")]
+    finally:
+        hygiene._recognizers.cache_clear()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("presidio")] == []

@@ -91,7 +91,8 @@ def test_card_sections_front_matter_and_no_absolute_path(tmp_path, monkeypatch):
     assert "benchmark overlap (13-gram): 3 rows (dropped) against pubmedqa (500 items)" in data
     assert "near-duplicates (Jaccard >= 0.8): 7 rows (kept)" in data
     assert "PHI (redact): 2 rows with identifiers: 2 EMAIL_ADDRESS" in data
-    assert "| `lora.r` | 16 |" in text and "| `data.path` | notes.jsonl |" in text
+    assert "| `data.path` | notes.jsonl |" in text
+    assert "| `lora.r` |" not in text  # a default: the card lists only the keys that differ from the defaults
 
     results = section(text, "Results")
     assert "| final train loss | 1.234 |" in results and "| tokens per second | 1,524 |" in results
@@ -179,3 +180,79 @@ def test_meta_round_trip_and_a_missing_field(tmp_path):
 
     with pytest.raises(MedtuneError, match="pad_token_id"):
         read_run_meta(run)
+
+
+# ---- what a new user reads first (issue 14) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template, saved, shown", [
+    ("chatml", None, "`chatml` (shipped with medtune)"),
+    ("tokenizer", "{{ '<|im_start|>' + m['role'] }}", "the base model tokenizer's own, ChatML layout"),
+    ("tokenizer", "{{ '<|start_header_id|>' + m['role'] }}", "the base model tokenizer's own, Llama 3 layout"),
+    ("tokenizer", "{{ m['role'] + ': ' }}", "the base model tokenizer's own (not a layout medtune knows by name)"),
+    ("/home/me/tpl.jinja", "[INST] {{ m['content'] }}", "the file `tpl.jinja`, Llama 2 layout"),
+])
+def test_card_names_the_chat_template(tmp_path, template, saved, shown):
+    import dataclasses
+
+    run = make_run(tmp_path)
+    dataclasses.replace(read_run_meta(run), template=template).write(run)
+    if saved:
+        (run / "chat_template.jinja").write_text(saved)
+    base = section(write_card(run).read_text(), "Base model")
+    assert f"- Chat template: {shown}, stops on `<|im_end|>`" in base
+
+
+def test_card_recipe_lists_only_keys_that_differ_from_defaults(tmp_path):
+    run = make_run(tmp_path)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["train"]["warmup_steps"] = 3
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    rows = re.findall(r"^\| `([\w.]+)` \| (.*) \|$", section(write_card(run).read_text(), "Recipe"), re.M)
+    assert sorted(rows) == [("data.path", "notes.jsonl"), ("output_dir", "terms-demo"), ("train.warmup_steps", "3")]
+
+
+def test_card_sample_answers_are_marked_not_fact_checked_with_the_reference(tmp_path):
+    from medtune.run.card import NOT_FACT_CHECKED
+
+    run = make_run(tmp_path)
+    samples = [{"prompt": "What is gout?", "base": "A toe.", "tuned": "Gout is a type of acute pancreatitis.",
+                "reference": "Gout is arthritis caused by urate crystals."},
+               {"prompt": "Be brief.", "base": "Ok.", "tuned": "Ok!"}]
+    (run / "samples.json").write_text(json.dumps(samples))
+    text = section(write_card(run).read_text(), "Sample answers")
+    assert text.lstrip().startswith(f"> **Not fact-checked.** {NOT_FACT_CHECKED}\n")
+    assert ("| base model | tuned model | reference (held-out answer) |\n|---|---|---|\n| A toe. | Gout is a type of "
+            "acute pancreatitis. | Gout is arthritis caused by urate crystals. |") in text
+    assert "| base model | tuned model |\n|---|---|\n| Ok. | Ok! |" in text  # a recipe prompt has no reference
+
+
+@pytest.fixture(scope="module")
+def warm_run(tiny_model_dir, tmp_path_factory):
+    """5 steps, 3 of them warm-up, logging every 10: the regular log alone would show no warm-up at all."""
+    from medtune.recipe import load_recipe
+    from medtune.train.loop import run_training
+
+    out = tmp_path_factory.mktemp("warm") / "run"
+    return run_training(load_recipe(None, [
+        f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa", "data.limit=16",
+        "data.max_length=96", "data.eval_ratio=0.25", "train.max_steps=5", "train.warmup_steps=3",
+        "train.logging_steps=10", "train.batch_size=4", "train.precision=fp32", "train.lr=1e-3", "lora.r=4",
+        "samples.from_eval=1", "samples.max_new_tokens=4", "report_to=[]"]))
+
+
+def test_learning_rate_is_logged_from_step_0_through_the_warm_up(warm_run):
+    rows = [json.loads(line) for line in (warm_run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lr = [(r["step"], r["learning_rate"]) for r in rows if "learning_rate" in r]
+    assert [s for s, _ in lr] == [0, 1, 2, 3, 5]
+    assert [v for _, v in lr] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3, 0.0])  # linear warm-up, linear decay
+
+
+def test_finished_run_card_plots_loss_first_and_leaves_no_lock(warm_run):
+    run = warm_run.run_dir
+    assert not (run / ".medtune.lock").exists()
+    text = (run / "README.md").read_text()
+    plots = re.findall(r"!\[[^\]]*\]\(plots/(\w+)\.png\)", section(text, "Plots"))
+    assert plots[0] == "loss" and set(plots) == {"loss", "perplexity", "learning_rate", "grad_norm"}
+    assert "- Chat template: `chatml` (shipped with medtune)" in text
+    (sample,) = warm_run.samples
+    assert sample["reference"] and f"| {sample['reference']} |" in section(text, "Sample answers")

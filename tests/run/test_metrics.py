@@ -148,7 +148,7 @@ def test_perplexity_bars_are_labelled(tmp_path):
     fig = perplexity_figure(15.544, 8.417)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["base model", "tuned model"]
-    assert [t.get_text() for t in ax.texts] == ["15.54", "8.42"]  # value labels on the bars
+    assert [t.get_text() for t in ax.texts] == ["15.54", "8.417"]  # value labels: the card's rounding (4 digits)
     assert [round(p.get_height(), 3) for p in ax.patches] == [15.544, 8.417]
     assert "perplexity" in ax.get_title().lower() and ax.get_ylabel() == "perplexity"
     run = RunDir(tmp_path / "run", run_name="r", config={}, report_to=[])

@@ -50,3 +50,36 @@ def test_lock_of_a_killed_process_is_free(tmp_path):
     time.sleep(0.05)
     assert (tmp_path / LOCK).is_file() and not is_locked(tmp_path)
     RunLock(tmp_path).acquire().release()
+
+
+def test_release_removes_the_lock_file(tmp_path):
+    lock = RunLock(tmp_path).acquire()
+    assert (tmp_path / LOCK).is_file()
+    lock.release()
+    assert not (tmp_path / LOCK).exists()  # a finished run leaves no stale .medtune.lock
+    lock.release()  # twice is harmless
+
+
+def test_acquire_locks_the_file_that_is_there_when_the_holder_removed_it(tmp_path, monkeypatch):
+    """A process that opened the lock file just before its holder finished (and removed it) must not lock the removed
+    file: that lock would protect nothing. It tries again on the file at the path."""
+    import fcntl
+
+    from medtune.train import lock as lock_module
+
+    real_flock, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:
+            (tmp_path / LOCK).unlink()  # the holder releases between our open and our flock
+        calls.append(fd)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", flock)
+    held = RunLock(tmp_path).acquire()
+    monkeypatch.setattr(lock_module.fcntl, "flock", real_flock)
+    try:
+        assert len(calls) == 2
+        assert os.path.samestat(os.fstat(held._fd), os.stat(tmp_path / LOCK)) and is_locked(tmp_path)
+    finally:
+        held.release()

@@ -162,6 +162,9 @@ def test_sample_prompts_come_from_held_out_rows_with_repetition_control(tiny_mod
     held_out = [questions[s.row] for s in data.eval[:3]]
     trained_on = {questions[s.row] for s in data.train}
     assert [s["prompt"] for s in result.samples] == ["What is gout?", *held_out]
+    answers = {r.number: r.data["answer"] for r in read_rows("demo:qa")}
+    assert [s.get("reference") for s in result.samples] == [None, *(answers[s.row] for s in data.eval[:3])]
+    assert data.eval_references[:3] == [answers[s.row] for s in data.eval[:3]]
     assert not trained_on & set(held_out)
     assert len(calls) == 8 and all(kw["repetition_penalty"] == 1.3 and kw["no_repeat_ngram_size"] == 3
                                    for kw in calls)

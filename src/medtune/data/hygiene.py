@@ -169,6 +169,8 @@ def near_duplicates(examples: list[Example], cfg: DataConfig) -> tuple[list[Exam
 
 @cache
 def _recognizers() -> list:
+    # presidio logs "Using device of type: cpu" at import and a line per recognizer loaded: quiet its logger first
+    logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
     import tldextract
     from presidio_analyzer import Pattern, PatternRecognizer
     from presidio_analyzer.predefined_recognizers import (
@@ -180,7 +182,6 @@ def _recognizers() -> list:
         UsSsnRecognizer,
     )
 
-    logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)  # not a line per recognizer loaded
     offline = tldextract.TLDExtract(suffix_list_urls=())
 
     class OfflineEmailRecognizer(EmailRecognizer):

@@ -138,7 +138,7 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats:
                  hygiene: dict | None = None) -> tuple[list[Sample] | list[Pair], PartReport, list]:
     """formats: each row's data settings (recipe.data, or its source's settings over it when mixing). hygiene: a
     dict to fill with the findings of data/hygiene.py, whose checks (recipe.data's) then run on these rows. Also
-    returns each kept row's conversation up to its first answer (sample prompts drawn from held-out rows)."""
+    returns each kept row's conversation up to and with its first answer (sample prompts drawn from held-out rows)."""
     cfg = recipe.data
     system = recipe.tokenizer.system_prompt
     preference = cfg.format == "preference"
@@ -182,7 +182,7 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats:
             continue
         report.truncated += truncated
         samples.append(sample)
-        prompts.append(_prompt(first))
+        prompts.append(_first_exchange(first))
     report.kept = len(samples)
     report.dropped = dict(Counter(reason for _, reason in sorted(drops, key=lambda d: d[0])))
     halves = _halves(samples)  # a preference pair counts as its two conversations
@@ -192,11 +192,11 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats:
     return samples, report, prompts
 
 
-def _prompt(ex) -> list[dict] | None:
-    """The conversation up to its first answer (after any redaction); None for format=text."""
+def _first_exchange(ex) -> list[dict] | None:
+    """The conversation up to and with its first answer (after any redaction); None for format=text."""
     if ex.messages is None:
         return None
-    return ex.messages[: next(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")]
+    return ex.messages[: next(i for i, m in enumerate(ex.messages) if m["role"] == "assistant") + 1]
 
 
 @dataclass
@@ -205,6 +205,7 @@ class PreparedData:
     eval: list[Sample] | list[Pair]
     report: DataReport
     eval_prompts: list[list[dict] | None] = field(default_factory=list)  # each held-out row up to its first answer
+    eval_references: list[str | None] = field(default_factory=list)  # that first answer: the sample's reference
 
 
 def split_rows(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], list[Row]]:
@@ -307,7 +308,7 @@ def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
         eval_formats = [cfg] * len(eval_rows)
     hygiene: dict = {}
     train, train_report, _ = _render_rows(train_rows, recipe, tok, chat, train_formats, hygiene)
-    evals, eval_report, eval_prompts = _render_rows(eval_rows, recipe, tok, chat, eval_formats)
+    evals, eval_report, eval_turns = _render_rows(eval_rows, recipe, tok, chat, eval_formats)
     if not train:
         raise MedtuneError(f"every row was dropped ({train_report.dropped}); nothing to train on", file=source,
                            field="data.path")
@@ -315,4 +316,5 @@ def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     report = DataReport(source, fmt, cfg.max_length, train_report, eval_report, eval_source,
                         example="\n".join(marked_text(tok, s) for s in _halves(train[:1])), hygiene=hygiene,
                         sources=counts)
-    return PreparedData(train, evals, report, eval_prompts)
+    return PreparedData(train, evals, report, [t[:-1] if t else None for t in eval_turns],
+                        [t[-1]["content"] if t else None for t in eval_turns])

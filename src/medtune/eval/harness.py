@@ -56,7 +56,7 @@ def _lm_class():
             decoder, head = model.get_decoder(), model.get_output_embeddings()
             re_ord = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])),
                               group_by="contexts", group_fn=lambda r: r[-2] + r[-1][:-1])
-            bar = tqdm(total=len(requests), desc="scoring", unit="req", disable=disable_tqdm, dynamic_ncols=True)
+            bar = tqdm(total=len(requests), desc=getattr(self, "bar_desc", "scoring"), unit="req", disable=disable_tqdm, dynamic_ncols=True)
             res = []
             for chunk in re_ord.get_batched(n=override_bs or self.batch_size):
                 # As HFLM: context + continuation minus its last token, left-truncated to the model's length.
@@ -130,6 +130,7 @@ def run_benchmark(loaded: Loaded, task: str, data: str | Path, *, fewshot: int =
     with tempfile.TemporaryDirectory(prefix="medtune-eval-") as tmp:
         names, subsets = prepare_tasks(task, data, Path(tmp), limit=limit, fewshot=fewshot, fewshot_data=fewshot_data)
         lm = lm or make_lm(loaded, batch_size)
+        lm.bar_desc = loaded.label(f"scoring {task}", use_adapter)  # one lm serves base and tuned: name this pass
         adapter_off = loaded.model.disable_adapter() if (loaded.has_adapter and not use_adapter) else nullcontext()
         with adapter_off:
             out = simple_evaluate(model=lm, tasks=names, num_fewshot=fewshot,

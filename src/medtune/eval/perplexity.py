@@ -86,7 +86,7 @@ def perplexity(loaded: Loaded, samples: list[Sample], *, window: int | None = No
     autocast = torch.autocast(device.type, dtype=loaded.autocast) if loaded.autocast is not None else nullcontext()
     with adapter_off:
         return score(model, wins, len(samples), pad_id=loaded.pad_token_id, batch_size=batch_size, autocast=autocast,
-                     progress=progress)
+                     progress=progress, desc=loaded.label("perplexity", use_adapter))
 
 
 def held_out(model, samples: list[Sample], *, pad_id: int, batch_size: int, autocast) -> Perplexity:
@@ -98,7 +98,7 @@ def held_out(model, samples: list[Sample], *, pad_id: int, batch_size: int, auto
 
 @torch.no_grad()  # not inference_mode: the training loop calls this between steps (see models.py's 4-bit guard)
 def score(model, wins: list[Window], n_docs: int, *, pad_id: int, batch_size: int, autocast,
-          progress: bool) -> Perplexity:
+          progress: bool, desc: str = "perplexity") -> Perplexity:
     """Summed NLL and scored tokens per text over its windows, in eval mode (the model's mode is restored)."""
     wins = sorted(wins, key=lambda w: -len(w.input_ids))  # longest first: little padding, memory peak at once
     device = next(model.parameters()).device
@@ -107,7 +107,7 @@ def score(model, wins: list[Window], n_docs: int, *, pad_id: int, batch_size: in
     count = [0] * n_docs
     was_training = model.training
     model.eval()
-    with autocast, tqdm(total=len(wins), desc="perplexity", unit="window", disable=not progress) as bar:
+    with autocast, tqdm(total=len(wins), desc=desc, unit="window", disable=not progress) as bar:
         for k in range(0, len(wins), batch_size):
             batch = wins[k: k + batch_size]
             width = max(len(w.input_ids) for w in batch)

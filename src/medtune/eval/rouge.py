@@ -25,7 +25,7 @@ def generate_batch(loaded: Loaded, prompts: list[list[dict]], *, max_new_tokens:
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
     adapter_off = model.disable_adapter() if (loaded.has_adapter and not use_adapter) else nullcontext()
-    with adapter_off, tqdm(total=len(order), desc="generating", unit="answer", disable=not progress) as bar:
+    with adapter_off, tqdm(total=len(order), desc=loaded.label("generating", use_adapter), unit="answer", disable=not progress) as bar:
         for k in range(0, len(order), batch_size):
             idx = order[k: k + batch_size]
             width = max(len(encoded[i]) for i in idx)

@@ -19,12 +19,18 @@ from typing import Any
 
 import yaml
 
+from medtune.recipe import Recipe
 from medtune.run.layout import CARD, DATA_REPORT, EVAL, GATE, GATE_PLOT, METRICS_FINAL, PLOTS, RECIPE, SAMPLES
 from medtune.run.meta import RunMeta, read_run_meta
 from medtune.run.metrics import flatten
+from medtune.tokenizer import SHIPPED_TEMPLATES, template_layout
 
 NOT_MEDICAL_ADVICE = ("This model is a research artifact. It is not medical advice and must not be used to diagnose, "
                       "treat or make decisions about anyone's health.")
+NOT_FACT_CHECKED = ("These answers are not fact-checked: nobody verified them, and the perplexity verdict measures how "
+                    "well the model fits the style of its data, not whether an answer is true. Compare them with the "
+                    "reference answer where one is shown.")
+_PLOT_ORDER = ("loss", "perplexity", "learning_rate", "grad_norm")  # loss first; any other plot after these
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # (pattern in the lower-cased hub id, Hub licence id), first match wins
 _LICENSES = [("smollm", "apache-2.0"), ("llama-3.2", "llama3.2"), ("llama-3", "llama3"), ("llama-2", "llama2")]
@@ -74,16 +80,16 @@ def render_card(run_dir: str | Path, *, repo_id: str | None = None, base_hub_id:
     sections = [
         ("Intended use", _INTENDED_USE),
         ("Out-of-scope use", _OUT_OF_SCOPE),
-        ("Base model", f"- Name: {base_link}\n- Adapter: {meta.adapter_kind}\n- Chat template: `{meta.template}`, "
+        ("Base model", f"- Name: {base_link}\n- Adapter: {meta.adapter_kind}\n- Chat template: "
+                       f"{template_description(meta.template, run_dir)}, "
                        f"stops on {', '.join(f'`{t}`' for t in meta.stop_tokens)}"),
         ("Training data", training_data(_read_json(run_dir / DATA_REPORT))),
-        ("Recipe", table(["key", "value"], [(f"`{k}`", _recipe_value(v)) for k, v in flatten(_public(recipe)).items()])),
+        ("Recipe", recipe_section(recipe)),
         ("Results", results(metrics, evals)),
         *([("Evaluations", evaluations(evals))] if evals else []),
         *([("Release gate", release_gate(gate, (run_dir / GATE_PLOT).is_file()))] if gate else []),
         ("Plots", "\n\n".join(f"![{p.stem.replace('_', ' ')}]({Path(os.path.relpath(p, run_dir)).as_posix()})"
-                              for p in sorted((run_dir / PLOTS).glob("*.png")) if p != run_dir / GATE_PLOT)
-         or "No metrics were logged."),
+                              for p in plots(run_dir)) or "No metrics were logged."),
         ("Sample answers", samples(_read_json(run_dir / SAMPLES, []))),
         ("How to use", usage(hub_id or _public_name(meta.base_model), repo_id or _run_ref(run_dir))),
         ("Versions", table(["package", "version"], [(k, v or "not installed") for k, v in meta.versions.items()])
@@ -105,6 +111,36 @@ def front_matter(meta: RunMeta, recipe: dict) -> dict:
     return {"library_name": "peft", "license": license_of(hub_id or meta.base_model), "language": ["en"],
             **({"datasets": datasets} if datasets else {}),
             "tags": ["medtune", meta.adapter_kind.lower(), "medical"], **({"base_model": hub_id} if hub_id else {})}
+
+
+def template_description(name: str, run_dir: Path) -> str:
+    """Which chat template the run uses, by name: a shipped one, or the tokenizer's own / a file with its layout."""
+    if name in SHIPPED_TEMPLATES:
+        return f"`{name}` (shipped with medtune)"
+    saved = run_dir / "chat_template.jinja"
+    text = saved.read_text(encoding="utf-8") if saved.is_file() else \
+        str((_read_json(run_dir / "tokenizer_config.json") or {}).get("chat_template") or "")
+    layout = template_layout(text)
+    own = "the base model tokenizer's own" if name == "tokenizer" else f"the file `{_public_name(name)}`"
+    return f"{own}, {layout} layout" if layout else f"{own} (not a layout medtune knows by name)"
+
+
+def recipe_section(recipe: dict) -> str:
+    """The recipe keys whose value differs from medtune's default (all keys: recipe.yaml in the run folder)."""
+    defaults, public = flatten(Recipe().to_dict()), flatten(_public(recipe))
+    rows = [(f"`{k}`", _recipe_value(public[k])) for k, v in flatten(recipe).items()
+            if k not in defaults or defaults[k] != v]
+    if not rows:
+        return "Every key has medtune's default (`medtune train --help`)."
+    return ("Keys that differ from medtune's defaults; every other key has its default (`medtune train --help`), "
+            "and `recipe.yaml` in the run folder holds them all.\n\n" + table(["key", "value"], rows))
+
+
+def plots(run_dir: Path) -> list[Path]:
+    """The run's plots, loss first (see _PLOT_ORDER); the gate's forest plot is shown in its own section."""
+    found = sorted(p for p in (run_dir / PLOTS).glob("*.png") if p != run_dir / GATE_PLOT)  # in its own section
+    rank = {stem: i for i, stem in enumerate(_PLOT_ORDER)}
+    return sorted(found, key=lambda p: (rank.get(p.stem, len(rank)), p.stem))
 
 
 def license_of(model: str) -> str:
@@ -236,13 +272,17 @@ def release_gate(gate: dict, plot: bool = False) -> str:
 
 
 def samples(rows: list[dict]) -> str:
+    """Base and tuned answers per prompt under the not-fact-checked notice, with the held-out reference answer
+    beside them where the prompt came from a held-out row (`samples.from_eval`)."""
     if not rows:
         return "No sample prompts were set (`samples.prompts` in the recipe)."
-    blocks = []
+    blocks = [f"> **Not fact-checked.** {NOT_FACT_CHECKED}"]
     for i, sample in enumerate(rows, 1):
         prompt = "\n".join(f"> {line}" for line in html.escape(sample["prompt"], quote=False).splitlines())
-        answers = table(["base model", "tuned model"], [(cell(sample["base"]), cell(sample["tuned"]))])
-        blocks.append(f"### Sample {i}\n\n{prompt}\n\n{answers}")
+        header, row = ["base model", "tuned model"], [cell(sample["base"]), cell(sample["tuned"])]
+        if sample.get("reference"):
+            header, row = [*header, "reference (held-out answer)"], [*row, cell(sample["reference"])]
+        blocks.append(f"### Sample {i}\n\n{prompt}\n\n{table(header, [tuple(row)])}")
     return "\n\n".join(blocks)
 
 

@@ -12,7 +12,8 @@ runs/<name>/
 The trackers live here, with metrics.jsonl, not in train/: they write into the run directory and mirror exactly
 what metrics.jsonl records, so one `RunDir.log` call feeds all of them; the training loop only calls it.
 
-The training loop logs under these names: `loss`, `eval_loss`, `learning_rate`, `grad_norm` (plotted), plus
+The training loop logs under these names: `loss`, `eval_loss`, `learning_rate` (also at step 0 and at every warm-up
+step: `lr_point`), `grad_norm` (plotted), plus
 anything else (`tokens_per_s`, `eval_ppl`, ...), which goes to metrics.jsonl and the trackers only.
 Trackers are optional: one that cannot start, or fails later, is reported once and dropped, never fatal.
 """
@@ -146,7 +147,7 @@ def perplexity_figure(base: float, tuned: float):
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     bars = ax.bar(["base model", "tuned model"], [base, tuned], color=["#9e9e9e", "#1f77b4"], width=0.6)
-    ax.bar_label(bars, labels=[f"{base:.2f}", f"{tuned:.2f}"], padding=3)
+    ax.bar_label(bars, labels=[f"{base:.4g}", f"{tuned:.4g}"], padding=3)
     ax.set(title="Held-out perplexity (lower is better)", ylabel="perplexity", ylim=(0, max(base, tuned) * 1.15))
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -193,6 +194,13 @@ def _start_mlflow(path: Path, run_name: str, config: dict) -> _Tracker:
 
 
 # --- small helpers --------------------------------------------------------------------------------------------
+
+def lr_point(scheduler) -> dict[str, float]:
+    """The learning rate the scheduler's next optimizer step uses, as a metrics row. The loop logs it at step 0
+    (before the first step) and at every warm-up step besides its regular logging, so the plot shows the warm-up
+    ramp instead of a line from the first logged step."""
+    return {"learning_rate": float(scheduler.get_last_lr()[0])}
+
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """{"lora": {"r": 16}} → {"lora.r": 16}."""

@@ -2,6 +2,7 @@
 
 The kernel drops the lock when its process ends, however it ends (`kill -9` included), so a stale lock file
 never blocks a resume; a second `medtune train` on the same directory stops with an error naming the first.
+A training that ends by itself (finished, failed or interrupted) removes the file; only a killed one leaves it.
 """
 
 from __future__ import annotations
@@ -26,14 +27,18 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise MedtuneError(f"another training is using this run directory ({holder(self.path.parent)}); wait for "
-                               "it to finish or stop it, or choose another output_dir",
-                               file=str(self.path.parent)) from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise MedtuneError(f"another training is using this run directory ({holder(self.path.parent)}); "
+                                   "wait for it to finish or stop it, or choose another output_dir",
+                                   file=str(self.path.parent)) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder removed the file between our open and our flock: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                                  "command": " ".join(sys.argv)}).encode())
@@ -41,9 +46,20 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Remove the lock file (a finished run leaves none behind), then drop the flock by closing it."""
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
+            if _same_file(self._fd, self.path):
+                self.path.unlink()  # still held: nobody else can have locked this file
+            os.close(self._fd)
             self._fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Is the open descriptor still the file at `path` (not removed or replaced since it was opened)?"""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def is_locked(run_dir: Path) -> bool:

@@ -43,7 +43,7 @@ from medtune.recipe import Recipe
 from medtune.run.card import write_card
 from medtune.run.layout import DATA_REPORT, METRICS_FINAL, RECIPE, SAMPLES
 from medtune.run.meta import RunMeta, hardware, versions
-from medtune.run.metrics import RunDir
+from medtune.run.metrics import RunDir, lr_point
 from medtune.tokenizer import ChatSetup, prepare_tokenizer
 from medtune.train.allocator import return_freed_memory_to_os
 from medtune.train.checkpoint import (
@@ -284,7 +284,7 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
             base = {"eval_loss": base_ppl.loss, "eval_ppl": base_ppl.perplexity, "eval_tokens": base_ppl.tokens}
         state.base_eval = {f"base_{k}": v for k, v in base.items()}
         log.info("base model on held-out data: loss %.4f%s", base["eval_loss"],
-                 f", perplexity {base['eval_ppl']:.2f}" if "eval_ppl" in base else "")
+                 f", perplexity {base['eval_ppl']:.4g}" if "eval_ppl" in base else "")
         tracker.log({k: base[k] for k in ("eval_loss", "eval_ppl") if k in base}, step=0)
 
     # ---- train ---------------------------------------------------------------------------------------------
@@ -311,6 +311,8 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
                disable=not dist.is_main)
     stopper = EarlyStopping(cfg.early_stopping_patience)
+    if dist.is_main and state.step == 0:
+        tracker.log(lr_point(scheduler), step=0)  # the rate of the first step: the warm-up starts here
     with StopSignals() as signals:
         try:
             while state.step < total_steps:
@@ -363,6 +365,8 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
                     tracker.log(last_logged, step=state.step)
                     bar.set_postfix(loss=f"{last_logged['loss']:.4f}", tok_s=f"{last_logged['tokens_per_s']:.0f}")
                     window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
+                elif state.step <= warmup:  # every warm-up step, so the plot shows the ramp
+                    tracker.log(lr_point(scheduler), step=state.step)
                 if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < total_steps and data.eval \
                         and can_eval:
                     result = evaluate(model, data.eval, **evaluate_kw)
@@ -470,8 +474,10 @@ def _sample_answers(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool, dat
     """Answers of the base (adapter off) and the tuned model to the recipe's sample prompts, then to the prompts of
     the first `samples.from_eval` held-out rows; greedy, with the recipe's repetition control."""
     cfg = recipe.samples
-    conversations = [user_turn(p, recipe.tokenizer.system_prompt) for p in cfg.prompts]
-    conversations += [p for p in data.eval_prompts[: cfg.from_eval] if p]  # held-out rows: never trained on
+    conversations = [(user_turn(p, recipe.tokenizer.system_prompt), None) for p in cfg.prompts]
+    refs = data.eval_references
+    conversations += [(p, refs[i] if i < len(refs) else None) for i, p in enumerate(data.eval_prompts[: cfg.from_eval])
+                      if p]  # held-out rows: never trained on; their own answer is the reference
     if not conversations:
         return []
     loaded = _loaded(recipe, model, tok, chat, bf16)
@@ -481,9 +487,9 @@ def _sample_answers(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool, dat
     was_training = model.training
     model.eval()
     out = []
-    for messages in conversations:
+    for messages, reference in conversations:
         out.append({"prompt": messages[-1]["content"], "base": generate(loaded, messages, use_adapter=False, **kw),
-                    "tuned": generate(loaded, messages, **kw)})
+                    "tuned": generate(loaded, messages, **kw), **({"reference": reference} if reference else {})})
     model.train(was_training)
     return out
 
