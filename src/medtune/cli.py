@@ -187,7 +187,8 @@ def cmd_eval(args) -> int:
                        batch_size=args.batch_size, compare_base=args.compare_base, all_tokens=args.all_tokens,
                        window=args.window, stride=args.stride, max_new_tokens=args.max_new_tokens,
                        bootstrap=args.bootstrap, precision=args.precision, device=args.device,
-                       judge_url=args.judge, judge_model=args.judge_model, judge_key=args.judge_key)
+                       judge_url=args.judge, judge_model=args.judge_model, judge_key=args.judge_key,
+                       judge_timeout=args.judge_timeout)
     results = run_eval(opts)
     from medtune.eval import report
     from medtune.run.meta import is_run_dir
@@ -450,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", metavar="NAME", default=None, help="the judge's model name (its `model` field)")
     p.add_argument("--judge-key", metavar="KEY", default=None, help="the judge's API key (default: "
                    "$MEDTUNE_JUDGE_KEY, else $OPENAI_API_KEY, else none)")
+    p.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS", help="longest wait for one "
+                   "judge answer (429/5xx are retried 3 times with backoff; any other failure stops the eval)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 where fast")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_eval)

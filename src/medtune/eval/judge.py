@@ -237,10 +237,11 @@ def _snippet(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def make_judge(url: str | None, model: str | None, key: str | None = None) -> JudgeClient | None:
+def make_judge(url: str | None, model: str | None, key: str | None = None,
+               timeout: float = 60.0) -> JudgeClient | None:
     """The judge of `medtune eval --judge URL --judge-model NAME` (None without --judge)."""
     if not url:
         if model:
             raise MedtuneError("--judge-model needs --judge URL", field="--judge")
         return None
-    return JudgeClient(url, model or "", key)
+    return JudgeClient(url, model or "", key, timeout=timeout)

@@ -52,6 +52,7 @@ class EvalOptions:
     judge_url: str | None = None  # OpenAI-compatible endpoint that grades (rubrics)
     judge_model: str | None = None
     judge_key: str | None = None  # default $MEDTUNE_JUDGE_KEY, else $OPENAI_API_KEY
+    judge_timeout: float = 60.0  # seconds per judge request
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -132,7 +133,7 @@ def _rubrics(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
 
     if "items" not in cache:
         cache["items"] = read_rubrics(opts.data.get("rubrics"), opts.limit)
-        cache["judge"] = make_judge(opts.judge_url, opts.judge_model, opts.judge_key)
+        cache["judge"] = make_judge(opts.judge_url, opts.judge_model, opts.judge_key, opts.judge_timeout)
     items = cache["items"]
     answers = generate_batch(loaded, [i.prompt for i in items], max_new_tokens=opts.max_new_tokens,
                              batch_size=max(1, opts.batch_size // 2), use_adapter=use_adapter, progress=opts.progress)
