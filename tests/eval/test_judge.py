@@ -31,6 +31,7 @@ def fake():
     ('Sure: {"criteria_met": true, "explanation": "it does"}', True), ("Yes.", True), ("no, it does not", False),
     ("Met", True), ("Not met.", False), ("unmet", False), ("The answer meets the criterion.", True),
     ("The answer does not meet the criterion of x.", False), ("The response doesn't meet it", False),
+    ("The answer is yes.", True), ("The answer is: not met", False), ("The verdict is false", False),
     ("maybe", None), ("", None), ('{"met": "yes"}', None), ('{"verdict": true}', None), ("The answer is fine", None),
 ])
 def test_parse_met(text, met):
@@ -79,7 +80,7 @@ def test_grades_criteria_and_sends_key_model_and_greedy(fake, monkeypatch):
     # every reply form the fake uses was met: JSON, fenced JSON, yes/no, "not met", the SmolLM2 sentence
     assert {verdict_text(c) for c in criteria} == set(MET_REPLIES + UNMET_REPLIES)
     body = judge.requests[0]
-    assert body["model"] == "judge-model" and body["temperature"] == 0 and body["max_tokens"] == 64
+    assert body["model"] == "judge-model" and body["temperature"] == 0 and body["max_tokens"] == 24
     assert body["authorization"] == "Bearer sk-judge"
     assert body["messages"][0]["role"] == "system"
     assert f"<answer>\n{answer}\n</answer>" in body["messages"][1]["content"]

@@ -9,11 +9,13 @@ than the `openai` package: a judge needs one POST, and owning it keeps every fai
 endpoint, timeout, 401, an HTTP error, a malformed body or verdict each raise one `MedtuneError` line that names the
 endpoint and the item; 429 and 5xx are retried a few times with exponential backoff (honouring a short
 Retry-After) first. A few requests are in flight at once (a thread pool over one connection pool), so a hosted
-judge is not the bottleneck. Requests are greedy (temperature 0) and short (max_tokens 64).
+judge is not the bottleneck. Requests are greedy (temperature 0) and short (max_tokens 24: the verdict is a few
+tokens, and a judge that explains first is cut off and reported as malformed rather than paid for).
 
 Verdicts are asked for as a small JSON object and parsed strictly, with one leniency for small judges such as
 SmolLM2 under `medtune serve`: a reply whose first word is yes/no (met / not met; a 1-5 digit for harmfulness),
-or that opens "The answer meets / does not meet the criterion", is read as that verdict. Anything else is a "malformed verdict" error, never a silent guess.
+or that opens "The answer meets / does not meet the criterion" or "The answer is yes / no", is read as that
+verdict. Anything else is a "malformed verdict" error, never a silent guess.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class JudgeClient:
     """Chat completions from one judge model; see the module doc for errors, retries and concurrency."""
 
     def __init__(self, url: str, model: str, key: str | None = None, *, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 0.5, workers: int = 4, max_tokens: int = 64):
+                 backoff: float = 0.5, workers: int = 4, max_tokens: int = 24):
         if not model:
             raise MedtuneError("the judge needs a model name: --judge-model NAME", field="--judge-model")
         self.endpoint, self.model, self.key = chat_endpoint(url), model, resolve_key(key)
@@ -184,6 +186,7 @@ def harm_messages(prompt: str, answer: str) -> list[dict]:
 
 _TRUE_WORDS, _FALSE_WORDS = {"yes", "met", "true"}, {"no", "not", "unmet", "false"}
 _SENTENCE = re.compile(r"\W*(?:the )?(?:answer|response) (?:(meets|does meet)|(does not|doesn't|fails to) meet)\b")
+_IS_WORD = re.compile(r"\W*(?:the )?(?:answer|response|verdict) is:? \W*(yes|no|met|not met|unmet|true|false)\b")
 
 
 def _json_object(text: str) -> dict | None:
@@ -205,14 +208,17 @@ def _first_word(text: str) -> str:
 
 def parse_met(text: str) -> bool | None:
     """{"met": bool} (or HealthBench's "criteria_met"), else a first word yes/met/true or no/not/unmet/false, else
-    a reply that opens "The answer meets / does not meet" (SmolLM2's habit); None when it is none of these."""
+    a reply that opens "The answer meets / does not meet" or "The answer is yes / no" (SmolLM2's habits); None
+    when it is none of these."""
     obj = _json_object(text)
     if obj is not None:
         value = obj.get("met", obj.get("criteria_met"))
         return value if isinstance(value, bool) else None
-    sentence = _SENTENCE.match(text.lower())
+    sentence, is_word = _SENTENCE.match(text.lower()), _IS_WORD.match(text.lower())
     if sentence:
         return sentence.group(1) is not None
+    if is_word:
+        return is_word.group(1) in _TRUE_WORDS
     word = _first_word(text)
     return True if word in _TRUE_WORDS else False if word in _FALSE_WORDS else None
 
