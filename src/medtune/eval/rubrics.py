@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from medtune.data.readers import read_rows
 from medtune.errors import MedtuneError
@@ -147,8 +148,6 @@ def summarize(scores: list[float], iters: int = 1000, seed: int = 0) -> dict[str
 def grade(judge: JudgeClient, items: list[RubricItem], answers: list[str],
           progress: bool = True) -> list[list[bool]]:
     """The judge's met / not met for every criterion of every item (all requests through the judge's pool)."""
-    from tqdm.auto import tqdm
-
     jobs = [(i, k) for i, item in enumerate(items) for k in range(len(item.criteria))]
 
     def one(job: tuple[int, int]) -> bool:
