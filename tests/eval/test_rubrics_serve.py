@@ -1,6 +1,7 @@
-"""End to end: `medtune eval --task rubrics` with a real `medtune serve` (a subprocess on a loopback port) as the
-judge. SmolLM2 (slow) grades the tiny model's answers: the score is checked against the same judge asked directly,
-criterion by criterion. The tiny model, which cannot judge, is reported as a malformed verdict (fast)."""
+"""End to end: `medtune eval --task rubrics` with `medtune serve` on a loopback port as the judge. SmolLM2 (slow;
+the `medtune serve` command in a subprocess) grades the tiny model's answers: the score is checked against the same
+judge asked directly, criterion by criterion. The tiny model (fast; serve's app in this process), which cannot
+judge, is reported as a malformed verdict."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from medtune.eval.judge import grade_messages, parse_met
 from medtune.eval.rouge import generate_batch
 from medtune.eval.rubrics import read_rubrics
 from medtune.generate import load_for_inference
+from medtune.serve.app import create_app
+from medtune.serve.engine import Engine
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -55,8 +58,9 @@ def serve(model: Path):
 
 
 @pytest.fixture
-def tiny_judge(tiny_model_dir):
-    yield from serve(tiny_model_dir)
+def tiny_judge(tiny_model_dir, live_server):
+    engine = Engine.load(str(tiny_model_dir), device="cpu", precision="fp32", max_tokens=32)
+    return live_server(create_app(engine)).url + "/v1"
 
 
 @pytest.fixture
