@@ -192,7 +192,9 @@ def cmd_eval(args) -> int:
                        fewshot_data=parse_paths(args.fewshot_data, tasks, "--fewshot-data"), limit=args.limit,
                        batch_size=args.batch_size, compare_base=args.compare_base, all_tokens=args.all_tokens,
                        window=args.window, stride=args.stride, max_new_tokens=args.max_new_tokens,
-                       bootstrap=args.bootstrap, precision=args.precision, device=args.device)
+                       bootstrap=args.bootstrap, precision=args.precision, device=args.device,
+                       judge_url=args.judge, judge_model=args.judge_model, judge_key=args.judge_key,
+                       judge_timeout=args.judge_timeout)
     results = run_eval(opts)
     from medtune.eval import report
     from medtune.run.meta import is_run_dir
@@ -434,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "lm-evaluation-harness. Results of a run go to RUN/eval/<task>.json/.md and its model card.")
     p.add_argument("model", help="model name (smollm2-135m-instruct), model folder, or run directory")
     p.add_argument("--task", action="append", required=True, help="perplexity, medqa, pubmedqa, mmlu_medical, medmcqa, "
-                   "rouge; repeatable or comma-separated")
+                   "rouge, rubrics (long answers graded by --judge; default data demo:rubrics); repeatable or "
+                   "comma-separated")
     p.add_argument("--data", action="append", metavar="[TASK=]PATH", help="the task's file (mmlu_medical: a folder of "
                    "<subject>_<split>.csv); perplexity of a run defaults to its held-out split")
     p.add_argument("--fewshot", type=int, default=0, help="k-shot benchmark prompts (shots from --fewshot-data)")
@@ -449,11 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-tokens", action="store_true", help="perplexity over every token, not only the answers")
     p.add_argument("--window", type=int, default=None, help="perplexity context window (default: the run's max_length)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window step for long texts (default window/2)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="rouge: longest generated answer")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="rouge, rubrics: longest generated answer")
     p.add_argument("--recipe", default=None, help="recipe whose data section reads --data for perplexity/rouge "
                    "(default: the run's own)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for reading --data, e.g. "
                    "data.format=qa (repeatable)")
+    p.add_argument("--judge", metavar="URL", default=None, help="OpenAI-compatible endpoint that grades answers "
+                   "(rubrics), e.g. http://127.0.0.1:8000/v1 of `medtune serve`, or a hosted API")
+    p.add_argument("--judge-model", metavar="NAME", default=None, help="the judge's model name (its `model` field)")
+    p.add_argument("--judge-key", metavar="KEY", default=None, help="the judge's API key (default: "
+                   "$MEDTUNE_JUDGE_KEY, else $OPENAI_API_KEY, else none)")
+    p.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS", help="longest wait for one "
+                   "judge answer (429/5xx are retried 3 times with backoff; any other failure stops the eval)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 where fast")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_eval)

@@ -11,7 +11,7 @@ from medtune.eval.results import TaskResult
 from medtune.run.card import table, value_with_error, write_card
 from medtune.run.layout import CARD, EVAL
 
-_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu", "n")
+_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu", "score", "n")
 
 
 def to_json(results: list[TaskResult], **context) -> dict:

@@ -4,6 +4,7 @@ Every task yields metrics plus per-item rows, so `--compare-base` can run a pair
   benchmarks  rows [acc, acc_norm, confidence, Brier]  metrics acc, acc_norm (+ stderr), ece, brier
   perplexity  rows [summed NLL, tokens]        metric perplexity (lower is better)
   rouge       rows [ROUGE-L, BLEU statistics]  metrics rougeL, bleu
+  rubrics     rows [item rubric score]         metric score (+ bootstrap CI), per-tag subtasks; needs --judge
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from medtune.errors import MedtuneError
 from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
 from medtune.eval.calibration import ece
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
+from medtune.eval.judge import chat_endpoint, make_judge
 from medtune.eval.report import write_run_results
 from medtune.eval.results import TaskResult
+from medtune.eval.rubrics import grade, read_rubrics, score_items
 from medtune.generate import Loaded
 from medtune.run.meta import is_run_dir
 
 log = logging.getLogger("medtune")
-TASKS = ("perplexity", *BENCHMARKS, "rouge")
+TASKS = ("perplexity", *BENCHMARKS, "rouge", "rubrics")
 
 
 @dataclass
@@ -46,6 +49,10 @@ class EvalOptions:
     precision: str = "auto"
     device: str = "auto"
     progress: bool = True
+    judge_url: str | None = None  # OpenAI-compatible endpoint that grades (rubrics)
+    judge_model: str | None = None
+    judge_key: str | None = None  # default $MEDTUNE_JUDGE_KEY, else $OPENAI_API_KEY
+    judge_timeout: float = 60.0  # seconds per judge request
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -64,6 +71,18 @@ def check_options(opts: EvalOptions) -> None:
             raise MedtuneError("rouge needs --data FILE (and data.format=... for its layout)", field="--data")
         if task == "perplexity" and task not in opts.data and not is_run_dir(opts.model):
             raise MedtuneError("perplexity of a plain model needs --data FILE", field="--data")
+        if task == "rubrics":
+            _check_judge(opts)
+            read_rubrics(opts.data.get(task), opts.limit)
+
+
+def _check_judge(opts: EvalOptions) -> None:
+    if not opts.judge_url:
+        raise MedtuneError("rubrics needs a judge: --judge URL --judge-model NAME (any OpenAI-compatible endpoint, "
+                           "e.g. `medtune serve` of a larger model)", field="--judge")
+    chat_endpoint(opts.judge_url)
+    if not opts.judge_model:
+        raise MedtuneError("the judge needs a model name: --judge-model NAME", field="--judge-model")
 
 
 # One function per task kind: (loaded, opts, use_adapter) → (metrics, per-item rows, subtasks).
@@ -109,7 +128,19 @@ def _rouge(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
     return metrics, rows, {}
 
 
-RUNNERS = {"perplexity": _perplexity, "rouge": _rouge, **{b: _benchmark(b) for b in BENCHMARKS}}
+def _rubrics(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
+    from medtune.eval.rouge import generate_batch
+
+    if "items" not in cache:
+        cache["items"] = read_rubrics(opts.data.get("rubrics"), opts.limit)
+        cache["judge"] = make_judge(opts.judge_url, opts.judge_model, opts.judge_key, opts.judge_timeout)
+    items = cache["items"]
+    answers = generate_batch(loaded, [i.prompt for i in items], max_new_tokens=opts.max_new_tokens,
+                             batch_size=max(1, opts.batch_size // 2), use_adapter=use_adapter, progress=opts.progress)
+    return score_items(items, grade(cache["judge"], items, answers, opts.progress), opts.bootstrap)
+
+
+RUNNERS = {"perplexity": _perplexity, "rouge": _rouge, "rubrics": _rubrics, **{b: _benchmark(b) for b in BENCHMARKS}}
 
 
 def _statistics(task: str) -> dict[str, tuple]:
@@ -120,6 +151,8 @@ def _statistics(task: str) -> dict[str, tuple]:
         from medtune.eval.rouge import bleu, rouge_l
 
         return {"rougeL": (rouge_l, True), "bleu": (lambda rows: bleu(rows.tolist()), True)}
+    if task == "rubrics":
+        return {"score": (mean_of(0), True)}
     return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True),
             "ece": (lambda rows: ece(rows[:, 2], rows[:, 0]), False), "brier": (mean_of(3), False)}
 
