@@ -192,7 +192,7 @@ CASES = [
     Case("prompt-template-range-10**9", _prompt_template("{% for i in range(10**9) %}x{% endfor %}"),
          ("row 1", "field 'data.prompt_template'", "range"), risky=True),
     Case("prompt-template-x*10**9", _prompt_template("{{ 'x' * 10**9 }}"),
-         ("row 1", "field 'data.prompt_template'", "limit"), risky=True),
+         ("row 1", "field 'data.prompt_template'", "data.max_row_bytes"), risky=True),
     Case("recipe-yaml-alias-bomb", lambda t, m: _train(t, m, "name: tiny\n" + BOMB),
          ("{t}/tiny.yaml", "alias"), risky=True),
     Case("jsonl-50mb-line", _big_line, ("{t}/huge.jsonl", "row 1", "data.max_row_bytes"), risky=True),
@@ -204,7 +204,7 @@ CASES = [
     Case("prompt-template-9**(9**9)", _prompt_template("{{ 9 ** (9 ** 9) }}"),
          ("row 1", "field 'data.prompt_template'", "4300 digits"), risky=True, issue=False),
     Case("prompt-template-center-10**9", _prompt_template("{{ 'x' | center(10**9) }}"),
-         ("row 1", "field 'data.prompt_template'", "limit"), risky=True, issue=False),
+         ("row 1", "field 'data.prompt_template'", "data.max_row_bytes"), risky=True, issue=False),
     Case("prompt-template-nested-loops", _prompt_template(
         "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"),
          ("row 1", "field 'data.prompt_template'", "loop"), risky=True, issue=False),
@@ -469,6 +469,37 @@ def test_prompt_templates_within_the_limits_render(template, expected):
     cfg = DataConfig(format="template", prompt_template=template, response_template="{{ answer }}")
     ex = to_example(Row("f.jsonl", 1, {"question": "What is gout?", "answer": "Arthritis."}), cfg)
     assert ex.messages[0]["content"] == expected
+
+
+@pytest.mark.parametrize("template, error", [
+    ("{{ 'ab' * 600 }}", "a `*` repetition would hold 1,200 characters, over data.max_row_bytes=1000"),
+    ("{{ [1, 2] * 600 }}", "a `*` repetition would hold 1,200 characters"),
+    ("{{ ('a' * 600) + ('b' * 600) }}", "a `+` concatenation would hold 1,200 characters"),
+    ("{% set s = 'a' * 600 %}{{ s ~ s }}", "a `~` concatenation would hold 1,200 characters"),
+    ("{{ '%1200s' % 'x' }}", "a `%` width would hold 1,200 characters"),
+    ("{{ '%*s' % (1200, 'x') }}", "a `%` width would hold 1,200 characters"),
+    ("{{ '{:>1200}'.format('x') }}", "a format width would hold 1,200 characters"),
+    ("{{ ('a' * 40) | replace('a', 'a' * 40) }}", "a replace would hold 1,600 characters"),
+    ("{{ 'x' | center(1200) }}", "the argument 1,200 is over data.max_row_bytes=1000"),
+    ("{{ 'x'.ljust(1200) }}", "the argument 1,200 is over data.max_row_bytes=1000"),
+    ("{{ 2 ** 20000 }}", "2 ** 20000 is over 4300 digits"),
+    ("{% for i in range(100001) %}{% endfor %}", "range() of 100,001 items is over the limit of 100,000"),
+    ("{% for i in range(1000) %}{% for j in range(1001) %}{% endfor %}{% endfor %}",
+     "loops ran over 1,000,000 range() steps in one row"),
+    ("{% for i in range(1001) %}x{% endfor %}", "the rendered text would hold 1,001 characters"),
+    ("{{ 1 / 0 }}", "division by zero"),
+])
+def test_template_limits(template, error):
+    from medtune.data.formats import to_example
+    from medtune.data.readers import Row
+    from medtune.errors import MedtuneError
+    from medtune.recipe import DataConfig
+
+    cfg = DataConfig(format="template", prompt_template=template, response_template="{{ answer }}", max_row_bytes=1000)
+    with pytest.raises(MedtuneError) as e:
+        to_example(Row("f.jsonl", 4, {"answer": "Arthritis."}), cfg)
+    assert (e.value.file, e.value.row, e.value.field) == ("f.jsonl", 4, "data.prompt_template")
+    assert error in str(e.value)
 
 
 def test_prompt_template_raise_exception_names_the_row():

@@ -26,6 +26,7 @@ DEFAULT_MAX_ROW_BYTES = 8 * 2**20
 MAX_DEPTH = 100
 MAX_INT_DIGITS = 4300  # Python's default int <-> str limit (sys.get_int_max_str_digits)
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a (lone or paired) surrogate gets into JSON text
 
 
 class _BigInt:
@@ -52,9 +53,18 @@ def _object(pairs: list[tuple[str, Any]]) -> dict:
     return obj
 
 
-def _int(text: str) -> int | _BigInt:
-    digits = len(text.lstrip("-"))
-    return int(text) if digits <= MAX_INT_DIGITS else _BigInt(digits)
+class _Ints:
+    """json's parse_int: an int, or a _BigInt marker for one too long to convert (and a note that one was seen)."""
+
+    def __init__(self):
+        self.too_long = False
+
+    def __call__(self, text: str) -> int | _BigInt:
+        digits = len(text.lstrip("-"))
+        if digits <= MAX_INT_DIGITS:
+            return int(text)
+        self.too_long = True
+        return _BigInt(digits)
 
 
 def too_big(limit: int, file: str, row: int | None, what: str = "row") -> MedtuneError:
@@ -62,15 +72,21 @@ def too_big(limit: int, file: str, row: int | None, what: str = "row") -> Medtun
                         file=file, row=row)
 
 
-def parse_json(text: str, file: str, row: int | None) -> Any:
-    """json.loads with the JSON rules above; a syntax error is left to the caller (its message names the line)."""
+def parse_json(text: str, file: str, row: int | None, limit: int) -> tuple[Any, bool]:
+    """json.loads with the JSON rules above, and whether the rows it holds need check_row (usually not: the
+    text is small, flat enough, has no surrogate escape and no over-long integer). A syntax error is left to
+    the caller, whose message names the line."""
+    ints = _Ints()
     try:
-        return json.loads(text, object_pairs_hook=_object, parse_int=_int)
+        obj = json.loads(text, object_pairs_hook=_object, parse_int=ints)
     except _DuplicateKey as e:
         raise MedtuneError(f"key '{e.key}' appears more than once in one object (JSON keeps only the last)",
                            file=file, row=row, field=e.key) from None
     except RecursionError:
         raise MedtuneError(f"lists/objects nested more than {MAX_DEPTH} deep", file=file, row=row) from None
+    needs_check = (ints.too_long or len(text) > limit or text.count("[") + text.count("{") > MAX_DEPTH
+                   or bool(_SURROGATE_ESCAPE.search(text)))
+    return obj, needs_check
 
 
 def _name(path: tuple) -> str:

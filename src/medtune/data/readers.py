@@ -66,20 +66,22 @@ def read_jsonl(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> list[R
             if not line.strip():
                 continue
             try:
-                obj = guard.parse_json(line, str(path), n)
+                obj, check = guard.parse_json(line, str(path), n, max_row_bytes)
             except json.JSONDecodeError as e:
                 raise MedtuneError(f"malformed JSON on line {n}: {e.msg} at column {e.colno}", file=str(path),
                                    row=n) from None
             if not isinstance(obj, dict):
                 raise MedtuneError(f"each line must be a JSON object, got {type(obj).__name__}", file=str(path), row=n)
-            guard.check_row(obj, str(path), n, max_row_bytes)
+            if check:
+                guard.check_row(obj, str(path), n, max_row_bytes)
             rows.append(Row(str(path), n, obj))
     return rows
 
 
 def _read_json(path: Path, max_row_bytes: int) -> list[Row]:
+    text = _decode(path)
     try:
-        obj = guard.parse_json(_decode(path), str(path), None)
+        obj, check = guard.parse_json(text, str(path), None, max_row_bytes)
     except json.JSONDecodeError as e:
         raise MedtuneError(f"malformed JSON on line {e.lineno}: {e.msg}", file=str(path)) from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -90,14 +92,17 @@ def _read_json(path: Path, max_row_bytes: int) -> list[Row]:
     for n, item in enumerate(obj, start=1):
         if not isinstance(item, dict):
             raise MedtuneError(f"each record must be a JSON object, got {type(item).__name__}", file=str(path), row=n)
-        guard.check_row(item, str(path), n, max_row_bytes)
+        if check:
+            guard.check_row(item, str(path), n, max_row_bytes)
         rows.append(Row(str(path), n, item))
     return rows
 
 
 def _read_csv(path: Path, max_row_bytes: int) -> list[Row]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.reader(io.StringIO(_decode(path), newline=""), delimiter=delimiter)
+    text = _decode(path)
+    check = len(text) > max_row_bytes  # (a row of a smaller file cannot be larger; UTF-8 has no lone surrogates)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     rows: list[Row] = []
     with guard.csv_cells_up_to(max_row_bytes):
         try:
@@ -116,7 +121,8 @@ def _read_csv(path: Path, max_row_bytes: int) -> list[Row]:
                     raise MedtuneError(f"row has {len(values)} fields but the header has {len(header)} "
                                        f"(line {reader.line_num} of the file)", file=str(path), row=n)
                 row = dict(zip(header, values, strict=True))
-                guard.check_row(row, str(path), n, max_row_bytes)
+                if check:
+                    guard.check_row(row, str(path), n, max_row_bytes)
                 rows.append(Row(str(path), n, row))
         except csv.Error as e:
             raise _csv_error(e, path, n + 1, reader.line_num, max_row_bytes) from None

@@ -73,8 +73,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def check_size(self, size: int, what: str) -> None:
         if size > self.limit:
-            raise TemplateLimitError(f"{what} would hold {size:,} characters, over the limit of {self.limit:,} "
-                                     "(data.max_row_bytes)")
+            raise TemplateLimitError(f"{what} would hold {size:,} characters, over data.max_row_bytes={self.limit}")
 
     def _range(self, *args: int) -> Any:
         items = range(*args)
@@ -128,9 +127,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             return
         for value in (*args, *kwargs.values()):
             if isinstance(value, int) and not isinstance(value, bool) and value > self.limit:
-                raise TemplateLimitError(f"the argument {value:,} is over the limit of {self.limit:,}")
+                raise TemplateLimitError(f"the argument {value:,} is over data.max_row_bytes={self.limit}")
         if getattr(obj, "__name__", "") in ("format", "format_map"):  # str.format, through the sandbox's wrapper
-            template = getattr(obj, "__self__", None)
+            template = getattr(getattr(obj, "__wrapped__", obj), "__self__", None)
             if isinstance(template, str):
                 for _, _, spec, _ in string.Formatter().parse(template):
                     for n in re.findall(r"\d+", spec or ""):
