@@ -81,7 +81,8 @@ def check_template(tok, name: str, system_prompt: str | None) -> None:
         raise MedtuneError(f"chat template syntax error on line {e.lineno}: {e.message}", file=where,
                            field="tokenizer.template") from None
     except TemplateError as e:
-        raise MedtuneError(f"chat template fails on a plain user/assistant exchange: {e}", file=where,
+        exchange = "system (tokenizer.system_prompt)/user/assistant" if system_prompt else "user/assistant"
+        raise MedtuneError(f"chat template fails on a plain {exchange} exchange: {e}", file=where,
                            field="tokenizer.template") from None
 
 
