@@ -529,6 +529,24 @@ def test_template_output_limit_follows_max_row_bytes():
     assert to_example(Row("f.jsonl", 1, {"answer": "Arthritis."}), ok).messages[0]["content"] == "ab" * 600
 
 
+def test_chat_template_raising_on_one_row_names_that_row(tmp_path, tiny_tokenizer):
+    from medtune.data.formats import Example
+    from medtune.data.render import render
+    from medtune.errors import MedtuneError
+    from medtune.recipe import DataConfig, TokenizerConfig
+    from medtune.tokenizer import prepare_tokenizer, shipped_template
+
+    template = ("{% for m in messages %}{% if m.content == 'boom' %}{{ raise_exception('no boom here') }}{% endif %}"
+                "{% endfor %}" + shipped_template("chatml"))
+    chat = prepare_tokenizer(tiny_tokenizer, TokenizerConfig(template=str(_write(tmp_path / "t.jinja", template))))
+    ok = Example("f.jsonl", 1, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    assert render(ok, tiny_tokenizer, DataConfig(), chat.stop_tokens)[0].num_loss_tokens > 0
+    bad = Example("f.jsonl", 2, messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "boom"}])
+    with pytest.raises(MedtuneError, match="the chat template fails on this row: no boom here") as e:
+        render(bad, tiny_tokenizer, DataConfig(), chat.stop_tokens)
+    assert (e.value.file, e.value.row, e.value.field) == ("f.jsonl", 2, "tokenizer.template")
+
+
 # ---- before/after table ---------------------------------------------------------------------------------------
 
 def _summary(case: Case, o: Outcome, tmp: Path) -> str:
