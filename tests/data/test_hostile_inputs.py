@@ -413,6 +413,20 @@ def test_reader_errors_locate_the_mistake(case_id, file, row, field, tmp_path, t
     assert (e.value.file, e.value.row, e.value.field) == (str(tmp_path / file), row, field)
 
 
+def test_surrogates_in_keys_and_nested_values_and_valid_pairs(tmp_path):
+    from medtune.data.readers import read_rows
+    from medtune.errors import MedtuneError
+
+    pair = _write(tmp_path / "pair.jsonl", '{"question": "Smile \\ud83d\\ude00?", "answer": "Yes."}\n')
+    assert read_rows(str(pair))[0].data["question"] == "Smile \U0001F600?"  # an escaped pair is one character
+    for text, field in (('{"q\\udc00": "a"}', "q\\udc00"), ('{"messages": [{"content": "\\ud800"}]}', "messages[0].content")):
+        path = _write(tmp_path / "bad.jsonl", text + "\n")
+        with pytest.raises(MedtuneError, match="lone surrogate") as e:
+            read_rows(str(path))
+        assert (e.value.row, e.value.field) == (1, field)
+        str(e.value).encode("utf-8")  # the message itself prints
+
+
 def test_row_size_limit_is_a_setting(tmp_path):
     from medtune.data.readers import read_rows
     from medtune.errors import MedtuneError

@@ -90,7 +90,7 @@ def parse_json(text: str, file: str, row: int | None, limit: int) -> tuple[Any, 
 
 
 def _name(path: tuple) -> str:
-    """(("", "messages"), 0) ... → messages[0].content: the linked path check_row keeps, as a field name."""
+    """The linked path check_row keeps, (((), "messages"), 0), as a field name: messages[0]."""
     parts = []
     while path:
         path, key = path
@@ -106,10 +106,8 @@ def check_row(data: dict, file: str, row: int | None, limit: int) -> None:
         value, path, depth = stack.pop()
         if isinstance(value, str):
             size += len(value)
-            if _SURROGATE.search(value):
-                bad = _SURROGATE.search(value).group(0)
-                raise MedtuneError(f"lone surrogate \\u{ord(bad):04x} in the text: not valid Unicode (fix or remove "
-                                   "the escape)", file=file, row=row, field=_name(path))
+            if bad := _SURROGATE.search(value):
+                raise _surrogate(bad.group(0), file, row, _name(path))
         elif isinstance(value, dict | list | tuple):
             if depth >= MAX_DEPTH:
                 raise MedtuneError(f"lists/objects nested more than {MAX_DEPTH} deep", file=file, row=row,
@@ -118,12 +116,20 @@ def check_row(data: dict, file: str, row: int | None, limit: int) -> None:
             for key, item in items:
                 if isinstance(key, str):
                     size += len(key)
+                    if bad := _SURROGATE.search(key):
+                        printable = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                        raise _surrogate(bad.group(0), file, row, _name((path, printable)))
                 stack.append((item, (path, key), depth + 1))
         elif isinstance(value, _BigInt):
             raise MedtuneError(f"an integer of {value.digits} digits: write it as a string if it is meant as text",
                                file=file, row=row, field=_name(path))
         if size > limit:
             raise too_big(limit, file, row)
+
+
+def _surrogate(char: str, file: str, row: int | None, field: str) -> MedtuneError:
+    return MedtuneError(f"lone surrogate \\u{ord(char):04x} in the text: not valid Unicode (fix or remove the escape)",
+                        file=file, row=row, field=field)
 
 
 def _top(path: tuple) -> tuple:
