@@ -477,6 +477,8 @@ def test_recipe_ints_must_fit_64_bits(tmp_path):
     ("{{ question | upper }}!", "WHAT IS GOUT?!"),
     ("{% for i in range(3) %}{{ i }}{% endfor %} {{ 'ab' * 2 }} {{ 2 ** 10 }}", "012 abab 1024"),
     ("{{ row['question'] | center(20) }}", "What is gout?"),
+    ("{{ range(5) | length }} {{ range(5)[2] }} {{ range(3) | list }} {{ range(9)[1:3] | list }} {{ range(2) | sum }}",
+     "5 2 [0, 1, 2] [1, 2] 1"),
 ])
 def test_prompt_templates_within_the_limits_render(template, expected):
     from medtune.data.formats import to_example

@@ -59,6 +59,27 @@ class _Generator(CodeGenerator):
         self.write("))")
 
 
+class _CountedRange:
+    """A range whose iteration counts against the rendering's MAX_LOOP_STEPS (still sized and indexable)."""
+
+    def __init__(self, items: range, env: BoundedEnvironment):
+        self._items, self._env = items, env  # "_": out of the sandbox's reach
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):
+        return _CountedRange(self._items[i], self._env) if isinstance(i, slice) else self._items[i]
+
+    def __iter__(self):
+        for item in self._items:
+            self._env.step()
+            yield item
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+
 class BoundedEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox with the limits of this module; `limit` is the most characters any value or output may hold."""
 
@@ -75,18 +96,16 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         if size > self.limit:
             raise TemplateLimitError(f"{what} would hold {size:,} characters, over data.max_row_bytes={self.limit}")
 
-    def _range(self, *args: int) -> Any:
+    def _range(self, *args: int) -> _CountedRange:
         items = range(*args)
         if len(items) > MAX_RANGE:
             raise TemplateLimitError(f"range() of {len(items):,} items is over the limit of {MAX_RANGE:,}")
-        return self._counted(items)
+        return _CountedRange(items, self)
 
-    def _counted(self, items: range):
-        for item in items:
-            self.steps.n = getattr(self.steps, "n", 0) + 1
-            if self.steps.n > MAX_LOOP_STEPS:
-                raise TemplateLimitError(f"loops ran over {MAX_LOOP_STEPS:,} range() steps in one row")
-            yield item
+    def step(self) -> None:
+        self.steps.n = getattr(self.steps, "n", 0) + 1
+        if self.steps.n > MAX_LOOP_STEPS:
+            raise TemplateLimitError(f"loops ran over {MAX_LOOP_STEPS:,} range() steps in one row")
 
     def concat(self, values: tuple) -> str:
         parts = [str(v) for v in values]
