@@ -427,6 +427,23 @@ def test_surrogates_in_keys_and_nested_values_and_valid_pairs(tmp_path):
         str(e.value).encode("utf-8")  # the message itself prints
 
 
+def test_json_text_in_a_csv_cell_obeys_the_same_rules():
+    from medtune.data.formats import to_example
+    from medtune.data.readers import Row
+    from medtune.errors import MedtuneError
+    from medtune.recipe import DataConfig
+
+    cfg = DataConfig(format="messages")
+    good = '[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello \u2028 there"}]'
+    assert to_example(Row("c.csv", 1, {"messages": good}), cfg).messages[1]["content"] == "Hello \u2028 there"
+    for cell, error in (("[" * 100_000 + "]" * 100_000, "nested more than 100 deep"),
+                        ('[{"role": "user", "role": "assistant", "content": "x"}]', "key 'role' appears more than once"),
+                        ('[{"role": "user", "content": "\\udfff"}]', "lone surrogate")):
+        with pytest.raises(MedtuneError, match=error) as e:
+            to_example(Row("c.csv", 5, {"messages": cell}), cfg)
+        assert (e.value.file, e.value.row) == ("c.csv", 5)
+
+
 def test_row_size_limit_is_a_setting(tmp_path):
     from medtune.data.readers import read_rows
     from medtune.errors import MedtuneError

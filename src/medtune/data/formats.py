@@ -21,7 +21,7 @@ from typing import Any
 
 from jinja2 import TemplateError, TemplateSyntaxError, UndefinedError
 
-from medtune.data import template_guard
+from medtune.data import guard, template_guard
 from medtune.data.readers import Row
 from medtune.errors import MedtuneError
 from medtune.recipe import DataConfig
@@ -87,7 +87,9 @@ def _messages(row: Row, cfg: DataConfig, canonical: str = "messages", check_orde
     turns = row.data[name]
     if isinstance(turns, str):  # CSV cells hold JSON text
         try:
-            turns = json.loads(turns)
+            turns, check = guard.parse_json(turns, row.source, row.number, cfg.max_row_bytes)
+            if check:
+                guard.check_row({name: turns}, row.source, row.number, cfg.max_row_bytes)
         except json.JSONDecodeError:
             raise _bad(row, name, "expected a list of chat turns (JSON text in this cell is malformed)", "malformed") from None
     if not isinstance(turns, list) or not turns:
