@@ -8,13 +8,15 @@ types are user errors (exit 2) that name the file and the key.
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from medtune.data.guard import DEFAULT_MAX_ROW_BYTES
 from medtune.errors import MedtuneError
+from medtune.recipe_guard import load_yaml
 from medtune.recipe_keys import choices, suggest_key
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -73,6 +75,9 @@ class DataConfig(Section):
     eval_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation when eval_path is "
                               "not given (seeded shuffle). 0 = no eval split.")
     limit: int | None = Field(None, gt=0, description="Use only the first N rows (quick trials).")
+    max_row_bytes: int = Field(DEFAULT_MAX_ROW_BYTES, gt=0, description="Largest row (its text, in bytes) read from "
+                               "any data file, and longest text a prompt/response template may render; a larger one "
+                               "is an error naming it. Bounds memory against a runaway line or template.")
     max_length: int = Field(512, gt=8, description="Longest tokenized example. Higher = more memory per step.")
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="Examples longer than max_length: truncate the answer, drop the row, or stop with an error. "
@@ -176,7 +181,7 @@ class TrainConfig(Section):
     nan_policy: Literal["stop", "skip_batch"] = Field(
         "stop", description="A step whose loss or gradient is NaN/Inf: stop (checkpoint the weights before it and say "
         "which step), or skip_batch (drop that batch, no update; stops after 10 bad batches in a row).")
-    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    seed: int = Field(42, ge=0, lt=2**64, description="Seed for data order, dropout and initialisation (0 to 2**64-1).")
     objective: Literal["sft", "dpo", "orpo"] = Field(
         "sft", description="sft: learn the answers (cross-entropy). dpo: raise the likelihood of each chosen answer over "
         "its rejected one relative to the base model (the same model with the adapter off; no second copy). orpo: "
@@ -332,10 +337,7 @@ def parse_overrides(overrides: list[str], source: str = "command line") -> dict:
         if _is_text_key(key.strip()):
             value = None if raw in ("null", "~") else raw
         else:
-            try:
-                value = yaml.safe_load(raw) if raw != "" else ""
-            except yaml.YAMLError:
-                value = raw
+            value = load_yaml(raw, source, key.strip(), syntax_errors=False) if raw != "" else ""
         _set_dotted(tree, key.strip(), value, source)
     return tree
 
@@ -358,6 +360,10 @@ def _has_path(tree: Any, loc: tuple) -> bool:
     return True
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 200, 200, 4
+
+
 def _explain(err: ValidationError, source: str, overrides: dict | None = None,
              override_source: str = "command line") -> MedtuneError:
     first = err.errors()[0]
@@ -368,8 +374,8 @@ def _explain(err: ValidationError, source: str, overrides: dict | None = None,
         meant = suggest_key(Recipe, key)
         hint = f"did you mean {meant}?" if meant else "see `medtune train --help` for the keys"
         return MedtuneError(f"unknown recipe key '{key}' ({hint})", file=source, field=key)
-    got = first.get("input")
-    return MedtuneError(f"{first['msg']} (got {got!r})", file=source, field=key)
+    got = _SHORT.repr(first.get("input"))  # shortened: a value may be huge
+    return MedtuneError(f"{first['msg']} (got {got})", file=source, field=key)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
@@ -383,9 +389,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise MedtuneError("recipe file not found", file=source)
         try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
             raise MedtuneError(f"not valid YAML: {str(e).splitlines()[0]}", file=source) from None
+        tree = load_yaml(text, source) or {}
         if not isinstance(tree, dict):
             raise MedtuneError("a recipe is a mapping of keys to values", file=source)
         tree.setdefault("name", path.stem)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from jinja2 import TemplateError, TemplateSyntaxError
+
 from medtune.errors import MedtuneError
 from medtune.recipe import TokenizerConfig
 
@@ -76,6 +78,24 @@ def resolve_template(tok, choice: str) -> tuple[str, str]:
                        field="tokenizer.template")
 
 
+def check_template(tok, name: str, system_prompt: str | None) -> None:
+    """Render a one-exchange conversation with the template now set on `tok`, so that a template with a syntax error
+    or one that refuses plain conversations (`raise_exception`) stops here, naming its file, not mid-training."""
+    where = name if name not in (*SHIPPED_TEMPLATES, "tokenizer") else None
+    trial = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Hello."}]
+    if system_prompt:
+        trial.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        tok.apply_chat_template(trial, tokenize=False)
+    except TemplateSyntaxError as e:
+        raise MedtuneError(f"chat template syntax error on line {e.lineno}: {e.message}", file=where,
+                           field="tokenizer.template") from None
+    except TemplateError as e:
+        exchange = "system (tokenizer.system_prompt)/user/assistant" if system_prompt else "user/assistant"
+        raise MedtuneError(f"chat template fails on a plain {exchange} exchange: {e}", file=where,
+                           field="tokenizer.template") from None
+
+
 def stop_tokens_for(tok, template_text: str) -> list[str]:
     found = [m for m in END_OF_TURN_MARKERS if m in template_text and _has_token(tok, m)]
     if tok.eos_token and tok.eos_token not in found:
@@ -111,6 +131,7 @@ def prepare_tokenizer(tok, cfg: TokenizerConfig) -> ChatSetup:
     """Set the template, pad token and padding side on `tok` (in place) and say what was chosen."""
     name, text = resolve_template(tok, cfg.template)
     tok.chat_template = text
+    check_template(tok, name, cfg.system_prompt)
     stops = stop_tokens_for(tok, text)
     pad, added = choose_pad(tok, stops, cfg.pad_token)
     tok.pad_token = pad

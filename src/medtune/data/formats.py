@@ -14,12 +14,14 @@ Each format reads canonical fields, which `data.columns` can map to the file's o
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, UndefinedError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2 import TemplateError, TemplateSyntaxError, UndefinedError
 
+from medtune.data import guard, template_guard
 from medtune.data.readers import Row
 from medtune.errors import MedtuneError
 from medtune.recipe import DataConfig
@@ -53,6 +55,9 @@ def _column(row: Row, cfg: DataConfig, name: str, required: bool = True) -> Any:
     return row.data[col]
 
 
+_FLOAT_NAMES = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
 def _text(row: Row, cfg: DataConfig, name: str, required: bool = True) -> str:
     value = _column(row, cfg, name, required)
     col = cfg.columns.get(name, name)
@@ -60,6 +65,9 @@ def _text(row: Row, cfg: DataConfig, name: str, required: bool = True) -> str:
         if required:
             raise _bad(row, col, "empty value", "empty")
         return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _bad(row, col, f"expected text, got {_FLOAT_NAMES[str(value)]} (not a finite number: a missing value?)",
+                   "empty")
     if not isinstance(value, str):
         if isinstance(value, int | float) and not isinstance(value, bool):
             value = str(value)
@@ -79,7 +87,9 @@ def _messages(row: Row, cfg: DataConfig, canonical: str = "messages", check_orde
     turns = row.data[name]
     if isinstance(turns, str):  # CSV cells hold JSON text
         try:
-            turns = json.loads(turns)
+            turns, check = guard.parse_json(turns, row.source, row.number, cfg.max_row_bytes)
+            if check:
+                guard.check_row({name: turns}, row.source, row.number, cfg.max_row_bytes)
         except json.JSONDecodeError:
             raise _bad(row, name, "expected a list of chat turns (JSON text in this cell is malformed)", "malformed") from None
     if not isinstance(turns, list) or not turns:
@@ -134,18 +144,20 @@ def check_turn_order(messages: list[dict[str, str]], row: Row, field: str) -> No
         raise _bad(row, f"{field}[{len(messages) - 1}].role", "the last turn must be the assistant's answer", "turn order")
 
 
-_jinja = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
+_environment = lru_cache(maxsize=4)(template_guard.environment)  # one bounded sandbox per output limit
 
 
-def _render(template: str, row: Row, field: str) -> str:
+def _render(template: str, row: Row, field: str, limit: int) -> str:
     values = {k: ("" if v is None else v) for k, v in row.data.items()}
     try:
         columns = {k: v for k, v in values.items() if str(k).isidentifier() and k != "row"}
-        out = _jinja.from_string(template).render(columns, row=values)  # `row` is always the whole row
+        out = _environment(limit).render(template, columns, row=values)  # `row` is always the whole row
     except UndefinedError as e:
         raise _bad(row, field, f"template uses a column this row lacks: {e.message}", "missing column") from None
-    except TemplateError as e:
+    except TemplateSyntaxError as e:
         raise MedtuneError(f"template does not parse: {e}", field=field) from None
+    except (TemplateError, ArithmeticError, TypeError, ValueError) as e:  # limits, raise_exception, 1/0, ...
+        raise _bad(row, field, f"template failed on this row: {e}", "template error") from None
     if not out.strip():
         raise _bad(row, field, "template renders to empty text for this row", "empty")
     return out.strip()
@@ -168,8 +180,10 @@ def to_example(row: Row, cfg: DataConfig, system_prompt: str | None = None) -> E
         if not cfg.prompt_template or not cfg.response_template:
             raise MedtuneError("format=template needs data.prompt_template and data.response_template",
                                field="data.prompt_template")
-        messages = [{"role": "user", "content": _render(cfg.prompt_template, row, "data.prompt_template")},
-                    {"role": "assistant", "content": _render(cfg.response_template, row, "data.response_template")}]
+        limit = cfg.max_row_bytes
+        messages = [{"role": "user", "content": _render(cfg.prompt_template, row, "data.prompt_template", limit)},
+                    {"role": "assistant", "content": _render(cfg.response_template, row, "data.response_template",
+                                                             limit)}]
     else:  # pydantic already restricts data.format; preference rows go through to_pair
         raise MedtuneError(f"data format '{fmt}' does not make one conversation per row", field="data.format")
     if system_prompt and messages[0]["role"] != "system":

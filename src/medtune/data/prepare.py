@@ -234,15 +234,17 @@ def check_objective(recipe: Recipe) -> None:
                            "run `medtune eval` with --data", field="eval.after_train")
 
 
-def _read_source(spec: str, split: str, limit: int | None, where: str) -> list[Row]:
+def _read_source(spec: str, split: str, limit: int | None, where: str, max_row_bytes: int,
+                 training: bool = True) -> list[Row]:
+    """read_rows, with a mistake in the spec reported against the recipe key that named it (`where`)."""
     try:
-        rows = read_rows(spec, split)
+        rows = read_rows(spec, split, max_row_bytes)
     except MedtuneError as e:
         if e.field != "data.path":
             raise
         raise MedtuneError(e.reason, file=e.file, row=e.row, field=where) from None
     rows = rows[:limit] if limit else rows
-    if not rows:
+    if not rows and training:
         raise MedtuneError("no rows to train on", file=spec, field=where)
     return rows
 
@@ -271,7 +273,7 @@ def mix_sources(recipe: Recipe) -> tuple[list[Row], list[DataConfig], list[Row],
         probabilities.append(cfg.replay.share)
         formats.append(cfg.model_copy(update={"path": cfg.replay.path, "format": cfg.replay.format,
                                               "columns": cfg.replay.columns}))
-    read = [_read_source(s.path, cfg.split, cfg.limit, w) for s, w in zip(sources, where, strict=True)]
+    read = [_read_source(s.path, cfg.split, cfg.limit, w, cfg.max_row_bytes) for s, w in zip(sources, where, strict=True)]
     ratio = 0 if cfg.eval_path else cfg.eval_ratio
     parts = [split_rows(rows, ratio, recipe.train.seed) for rows in read]  # per source: (train, held out)
     indexed = [Dataset.from_dict({"source": [i] * len(train), "index": list(range(len(train)))})
@@ -299,12 +301,13 @@ def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
         source = " + ".join(counts)
         eval_source = f"{source} {held_out}, each source split before mixing"
     else:
-        rows, counts, source = _read_source(cfg.path, cfg.split, cfg.limit, "data.path"), {}, cfg.path
+        rows, counts, source = _read_source(cfg.path, cfg.split, cfg.limit, "data.path", cfg.max_row_bytes), {}, cfg.path
         train_rows, eval_rows = (rows, []) if cfg.eval_path else split_rows(rows, cfg.eval_ratio, recipe.train.seed)
         train_formats, eval_formats = [cfg] * len(train_rows), [cfg] * len(eval_rows)
         eval_source = f"{cfg.path} {held_out}"
     if cfg.eval_path:
-        eval_rows, eval_source = read_rows(cfg.eval_path, cfg.split), cfg.eval_path
+        eval_rows = _read_source(cfg.eval_path, cfg.split, None, "data.eval_path", cfg.max_row_bytes, training=False)
+        eval_source = cfg.eval_path
         eval_formats = [cfg] * len(eval_rows)
     hygiene: dict = {}
     train, train_report, _ = _render_rows(train_rows, recipe, tok, chat, train_formats, hygiene)

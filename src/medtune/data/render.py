@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from medtune.data.formats import Example
 from medtune.errors import MedtuneError
 from medtune.recipe import DataConfig
@@ -104,7 +106,11 @@ def render(ex: Example, tok, cfg: DataConfig, stop_tokens: list[str], last_answe
         mask = [1] * len(ids)
         field = cfg.columns.get("text", "text")
     else:
-        ids, mask = _chat_ids_and_mask(tok, ex.messages, stop_tokens, ex)
+        try:
+            ids, mask = _chat_ids_and_mask(tok, ex.messages, stop_tokens, ex)
+        except TemplateError as e:  # e.g. its raise_exception('roles must alternate') on this conversation
+            raise MedtuneError(f"the chat template fails on this row: {e}", file=ex.source, row=ex.row,
+                               field="tokenizer.template") from None
         if cfg.train_on_prompt:
             mask = [1] * len(ids)
         elif last_answer_only and any(mask):

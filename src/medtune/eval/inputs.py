@@ -46,7 +46,7 @@ def read_samples(recipe: Recipe, tok, *, held_out: bool) -> list[Sample]:
 def read_dialogues(recipe: Recipe, limit: int | None = None) -> list[tuple[list[dict], str, str]]:
     """(prompt messages, reference answer, row id) per row: the conversation up to its last answer, and that answer."""
     cfg = recipe.data
-    rows = read_rows(cfg.path, cfg.split)
+    rows = read_rows(cfg.path, cfg.split, cfg.max_row_bytes)
     if cfg.format == "text":
         raise MedtuneError("rouge needs prompts and answers: a chat format (qa, instruction, messages, template), "
                            "not format=text", field="data.format")
