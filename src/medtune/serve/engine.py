@@ -33,6 +33,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from medtune.errors import MedtuneError
 from medtune.generate import load_for_inference
 from medtune.models import load_tokenizer, resolve_model
+from medtune.run.adapter import check_adapter
 from medtune.run.meta import is_run_dir, read_run_meta
 
 log = logging.getLogger("medtune")
@@ -236,6 +237,7 @@ class Engine:
                                    field="--adapter")
             if not is_run_dir(run):
                 raise MedtuneError("not a medtune run directory (no medtune.json)", file=str(run), field="--adapter")
+            check_adapter(run)
             meta = read_run_meta(run)
             if Path(meta.base_model_path).resolve() != Path(base_path).resolve():
                 raise MedtuneError(f"adapter '{name}' was trained on {meta.base_model_path}, but the server's base "
