@@ -138,8 +138,8 @@ def _check_identifiers(folder: Path) -> None:
         except UnicodeDecodeError:
             continue
         if found:
-            raise MedtuneError(f"refusing to push: the PHI scan found {', '.join(found)} in it; train with "
-                               "data.phi=redact (or remove them from the data) and push again",
+            raise MedtuneError(f"refusing to push: the PHI scan found {', '.join(found)} in it; remove them "
+                               "(train with data.phi=redact when they come from the data) and push again",
                                file=str(path.relative_to(folder)))
 
 
