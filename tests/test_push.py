@@ -207,6 +207,22 @@ def test_bad_repo_id_and_not_a_run(tiny_run_dir, tiny_model_dir, hub):
         push_run(tiny_model_dir, "medtune-org/x")
 
 
+def test_pushed_card_carries_the_release_gate(tiny_run_dir, hub, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    assert main(["gate", str(run), "--data", "perplexity=demo:qa", "--limit", "8", "--bootstrap", "100",
+                 "--precision", "fp32"]) in (0, 1)
+    gate = json.loads((run / "gate.json").read_text())
+    push_run(run, "medtune-org/tiny-adapter", base_model=BASE_ID)
+    card = hub.files["README.md"].decode()
+    section = card[card.index("## Release gate"):card.index("## Plots")]
+    axis = gate["axes"][0]
+    assert f"| perplexity.perplexity | {axis['base']:.4g} | {axis['tuned']:.4g} | {axis['delta']:+.4g} " in section
+    assert ("**PASS**" if gate["passed"] else "**FAIL**") in section and "![release gate](plots/gate.png)" in section
+    assert hub.files["plots/gate.png"] == (run / "plots" / "gate.png").read_bytes()
+    assert "gate.json" not in hub.files  # its config names local files; the card carries the verdicts
+
+
 # ---- identifiers and local paths (issue 17) --------------------------------------------------------------------
 
 PLANTED = {"US_SSN": "512-37-4829", "MRN": "MRN 00482913", "EMAIL_ADDRESS": "jane.roe@example.com",

@@ -54,6 +54,11 @@ def cmd_train(args) -> int:
         print(f"held-out perplexity: base {m['base_eval_ppl']:.2f} -> tuned {m['eval_ppl']:.2f}")
     _print_side_by_side(result.samples)
     print(f"\nnext: medtune chat {result.run_dir}    |    model card: {result.run_dir / 'README.md'}")
+    if result.gate is not None:
+        from medtune.eval.gate import format_gate
+
+        print("\n" + format_gate(result.gate))
+        return 0 if result.gate["passed"] else 1
     return 0
 
 
@@ -201,6 +206,17 @@ def cmd_eval(args) -> int:
     if args.json:
         print(f"results: {report.write_json(args.json, report.to_json(results, **context))}")
     return 0
+
+
+def cmd_gate(args) -> int:
+    from medtune.eval.gate import format_gate, gate_config, run_gate
+
+    cfg = gate_config(args.run, args.config, data=args.data, limit=args.limit, bootstrap=args.bootstrap)
+    report = run_gate(args.run, cfg, command=shlex.join(["medtune", *sys.argv[1:]]), batch_size=args.batch_size,
+                      precision=args.precision, device=args.device)
+    print(format_gate(report))
+    print(f"\nresults: {Path(args.run) / 'gate.json'}, {Path(args.run) / 'plots' / 'gate.png'} (and the model card)")
+    return 0 if report["passed"] else 1
 
 
 def cmd_bench_train(args) -> int:
@@ -452,6 +468,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 where fast")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("gate", help="release gate: base vs tuned on a suite, a verdict per axis, exit 1 on a regression",
+                       description="Run a suite of `medtune eval` tasks on the run with the adapter on and off (same "
+                       "items, one model load) and judge every axis (task.metric) with its 95%% paired-bootstrap "
+                       "interval: improved (interval entirely on the better side of 0), regressed (entirely on the "
+                       "worse side and the delta worse than the axis's tolerance; require: non_inferior: the "
+                       "interval's worse end past the tolerance), else no significant change. The suite comes from "
+                       "--config (a gate.yaml with the recipe's gate: keys) or the run's recipe `gate:` section; "
+                       "default: held-out perplexity plus every task given a file. Writes RUN/gate.json, "
+                       "RUN/plots/gate.png and the card's Release gate section. Exit 0: no gating axis regressed; "
+                       "1: one did (named, one line each); 2: a mistake in the input.")
+    p.add_argument("run", help="run directory (runs/<name>)")
+    p.add_argument("--config", metavar="GATE.YAML", default=None, help="the gate's config: tasks, data, axes "
+                   "(tolerance, gating, require), limit, bootstrap, options (default: the run's recipe gate: section)")
+    p.add_argument("--data", action="append", metavar="TASK=PATH", help="a task's file, added to the suite (medqa, "
+                   "pubmedqa, mmlu_medical (a folder), medmcqa, rouge; perplexity=FILE instead of the held-out split)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
+    p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples per axis (default 1000)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 where fast")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("bench", help="benchmarks on this machine: medtune against the seed recipe and TRL")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCHMARK")

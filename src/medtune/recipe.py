@@ -192,6 +192,47 @@ class EvalConfig(Section):
                                          "e.g. {mmlu_medical: mmlu/dev}.")
     compare_base: bool = Field(True, description="Also score the base model (adapter off) and report deltas with "
                                "95% paired-bootstrap intervals. Doubles the evaluation time.")
+    gate: bool = Field(False, description="Run the release gate (the `gate:` section) when training ends, after "
+                       "after_train: RUN/gate.json, plots/gate.png, the card's Release gate section; `medtune train` "
+                       "then exits 1 when a gating axis regressed.")
+
+
+AXIS_KEY = re.compile(r"[a-z0-9_]+\.[A-Za-z0-9_]+")
+
+
+class GateAxis(Section):
+    """One axis's settings in `gate.axes`; an unset (null) key keeps the axis's default (medtune.eval.gate.AXES:
+    gating, tolerance 0, no_regression for the axes medtune knows)."""
+
+    gating: bool | None = Field(None, description="A regression on this axis fails the gate (false: reported only).")
+    tolerance: float | None = Field(None, ge=0, description="How far the axis may move the worse way, in the "
+                                    "metric's own units (rates are 0-1: 0.02 = 2 points; perplexity: perplexity units).")
+    require: Literal["no_regression", "non_inferior"] | None = Field(
+        None, description="no_regression: regressed when the 95% interval lies entirely on the worse side of 0 and "
+        "the delta is worse than the tolerance. non_inferior (stricter, for safety axes): regressed unless the "
+        "interval's worse end stays within the tolerance.")
+
+
+class GateConfig(Section):
+    tasks: list[str] = Field(default_factory=lambda: ["perplexity"], description="`medtune eval` tasks of the gate's "
+                             "suite (perplexity: the run's held-out split); every task named in gate.data joins too.")
+    data: dict[str, str] = Field(default_factory=dict, description="Task → file, as `medtune eval --data TASK=PATH` "
+                                 "(e.g. {medqa: medqa/test.jsonl}); perplexity=FILE replaces the held-out split.")
+    axes: dict[str, GateAxis] = Field(default_factory=dict, description="Per-axis settings, keyed task.metric: "
+                                      "{gating, tolerance, require}, e.g. {medqa.acc: {tolerance: 0.02}}; unset keys "
+                                      "keep the axis's defaults (medtune.eval.gate.AXES); an axis not there is added.")
+    limit: int | None = Field(None, gt=0, description="Only the first N items of each task (quick gates).")
+    bootstrap: int = Field(1000, gt=0, description="Paired-bootstrap resamples per axis.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Other `medtune eval` options by name "
+                                    "(medtune.eval.suite.EvalOptions), e.g. {max_new_tokens: 96, fewshot: 5}.")
+
+    @field_validator("axes")
+    @classmethod
+    def _axis_keys(cls, v: dict) -> dict:
+        bad = [k for k in v if not AXIS_KEY.fullmatch(k)]
+        if bad:
+            raise ValueError(f"axes are keyed task.metric (e.g. medqa.acc), not {bad[0]!r}")
+        return v
 
 
 class SamplesConfig(Section):
@@ -225,6 +266,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     samples: SamplesConfig = Field(default_factory=SamplesConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluations after training (`medtune eval`).")
+    gate: GateConfig = Field(default_factory=GateConfig, description="The release gate (`medtune gate`, eval.gate).")
 
 
     @field_validator("name")

@@ -1,8 +1,8 @@
 """The model card (RUN/README.md): the one writer, rebuilt whole from the run directory's files each time.
 
 `medtune train` writes it when training ends; `medtune eval` (and eval.after_train) rewrites it after adding
-RUN/eval/*.json; `medtune merge` turns it into the merged model's card. Each section is one function of the
-run's files (meta, recipe, data report, final metrics, samples, plots, eval results), so every figure is shown
+RUN/eval/*.json, `medtune gate` (and eval.gate) after writing RUN/gate.json; `medtune merge` turns it into the merged model's card. Each section is one function of the
+run's files (meta, recipe, data report, final metrics, samples, plots, eval results, gate), so every figure is shown
 once, and the card names no local absolute path: a local model or data file appears by its file name only.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from medtune.data.hygiene import redact_identifiers
-from medtune.run.layout import CARD, DATA_REPORT, EVAL, METRICS_FINAL, PLOTS, RECIPE, SAMPLES
+from medtune.run.layout import CARD, DATA_REPORT, EVAL, GATE, GATE_PLOT, METRICS_FINAL, PLOTS, RECIPE, SAMPLES
 from medtune.run.meta import RunMeta, read_run_meta
 from medtune.run.metrics import flatten
 
@@ -69,6 +69,7 @@ def render_card(run_dir: str | Path, *, repo_id: str | None = None, base_hub_id:
     recipe = _read_yaml(run_dir / RECIPE)
     metrics = _read_json(run_dir / METRICS_FINAL)
     evals = read_evals(run_dir)
+    gate = _read_json(run_dir / GATE)
     hub_id = hub_id_of(meta.base_model)
     base_link = f"[{hub_id}](https://huggingface.co/{hub_id})" if hub_id else f"`{_public_name(meta.base_model)}`"
     sections = [
@@ -80,8 +81,10 @@ def render_card(run_dir: str | Path, *, repo_id: str | None = None, base_hub_id:
         ("Recipe", table(["key", "value"], [(f"`{k}`", _recipe_value(v)) for k, v in flatten(_public(recipe)).items()])),
         ("Results", results(metrics, evals)),
         *([("Evaluations", evaluations(evals))] if evals else []),
+        *([("Release gate", release_gate(gate, (run_dir / GATE_PLOT).is_file()))] if gate else []),
         ("Plots", "\n\n".join(f"![{p.stem.replace('_', ' ')}]({Path(os.path.relpath(p, run_dir)).as_posix()})"
-                              for p in sorted((run_dir / PLOTS).glob("*.png"))) or "No metrics were logged."),
+                              for p in sorted((run_dir / PLOTS).glob("*.png")) if p != run_dir / GATE_PLOT)
+         or "No metrics were logged."),
         ("Sample answers", samples(_read_json(run_dir / SAMPLES, []))),
         ("How to use", usage(hub_id or _public_name(meta.base_model), repo_id or _run_ref(run_dir))),
         ("Versions", table(["package", "version"], [(k, v or "not installed") for k, v in meta.versions.items()])
@@ -213,6 +216,25 @@ def _forgetting_rows(evals: dict[str, dict]) -> list[tuple]:
             word = "no significant change" if not d["significant"] else ("improved" if d["better"] else "forgot")
             rows.append((domain, task, metric, word))
     return rows
+
+
+def release_gate(gate: dict, plot: bool = False) -> str:
+    """RUN/gate.json (`medtune gate`): every axis's verdict with its 95% interval and tolerance, the overall verdict,
+    and the forest plot (`plot`: plots/gate.png exists)."""
+    rows = [(a["axis"], number(a["base"]), number(a["tuned"]),
+             f"{a['delta']:+.4g} [{a['ci_low']:+.4g}, {a['ci_high']:+.4g}]",
+             number(a["tolerance"]) + (" (non-inferior)" if a["require"] == "non_inferior" else ""),
+             "yes" if a["gating"] else "no", a["verdict"]) for a in gate["axes"]]
+    verdict = ("**PASS**: no gating axis regressed." if gate["passed"] else
+               f"**FAIL**: regressed on {', '.join(f'`{a}`' for a in gate['regressed'])}.")
+    items = ", ".join(f"{task} {n}" for task, n in gate.get("items", {}).items())
+    text = (f"{verdict}\n\nFrom `medtune gate` (RUN/gate.json): the base model (adapter off) and the tuned model on "
+            f"the same items ({items}); delta = tuned - base with its 95% paired-bootstrap interval. improved: the "
+            "interval lies entirely on the better side of 0; regressed: it lies entirely on the worse side and the "
+            "delta is worse than the tolerance (non-inferior axes: the interval's worse end goes past the "
+            "tolerance); otherwise no significant change. Passing the gate is not evidence of clinical safety.\n\n"
+            + table(["axis", "base", "tuned", "delta [95% CI]", "tolerance", "gating", "verdict"], rows))
+    return text + (f"\n\n![release gate]({GATE_PLOT})" if plot else "")
 
 
 def samples(rows: list[dict]) -> str:

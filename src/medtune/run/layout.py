@@ -11,6 +11,8 @@ runs/<name>/
   metrics_final.json  the run's final figures
   samples.json        base vs tuned answers to the recipe's sample prompts
   plots/*.png         loss, learning rate, gradient norm
+  gate.json           `medtune gate` / eval.gate: every axis's verdict and the overall pass/fail (eval/gate.py)
+  plots/gate.png      the gate's forest plot: delta and 95% interval per axis, tolerance marked (eval/forest.py)
   eval/<task>.json    `medtune eval` / eval.after_train results (and <task>.md)
   checkpoints/step-N/ resumable checkpoints
   tensorboard/, wandb/, mlflow.db   trackers (report_to)
@@ -34,3 +36,5 @@ TENSORBOARD = "tensorboard"
 WANDB = "wandb"
 MLFLOW_DB = "mlflow.db"
 CARD = "README.md"
+GATE = "gate.json"
+GATE_PLOT = f"{PLOTS}/gate.png"

@@ -28,6 +28,7 @@ from medtune.data.batching import Batch, BatchPlan, iterate, pair_collate
 from medtune.data.prepare import PreparedData, prepare_data
 from medtune.data.render import IGNORE, Pair, Sample
 from medtune.errors import MedtuneError
+from medtune.eval.gate import check_gate, gate_after_train
 from medtune.eval.perplexity import held_out
 from medtune.generate import Loaded, generate, user_turn
 from medtune.models import (
@@ -71,6 +72,7 @@ class TrainResult:
     metrics: dict[str, float]
     samples: list[dict]
     main: bool = True  # False on the other processes of a distributed run (they write and report nothing)
+    gate: dict | None = None  # eval.gate: the release gate's report (RUN/gate.json)
 
 
 class LossModule(torch.nn.Module):
@@ -208,6 +210,8 @@ def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
     data = prepare_data(recipe, tok, chat)
     for line in data.report.lines():
         log.info(line)
+    if recipe.eval.gate:  # a mistake in the gate's config stops us before the model loads
+        check_gate(recipe.gate, held_out=bool(data.eval))
 
     log.info(check_memory(estimate_for_recipe(recipe, model_dir, device, bf16), device, force))
 
@@ -429,7 +433,11 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
 
         after_train(recipe, run_dir, _loaded(recipe, model, tok, chat, bf16), held_out=data.eval,
                     base_perplexity=base_ppl)
-    return TrainResult(run_dir, metrics, samples)
+    gate = None
+    if recipe.eval.gate and can_eval:
+        gate = gate_after_train(recipe, run_dir, _loaded(recipe, model, tok, chat, bf16), held_out=data.eval,
+                                base_perplexity=base_ppl)
+    return TrainResult(run_dir, metrics, samples, gate=gate)
 
 
 class _NoTracker:
