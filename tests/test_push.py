@@ -221,3 +221,99 @@ def test_pushed_card_carries_the_release_gate(tiny_run_dir, hub, tmp_path):
     assert ("**PASS**" if gate["passed"] else "**FAIL**") in section and "![release gate](plots/gate.png)" in section
     assert hub.files["plots/gate.png"] == (run / "plots" / "gate.png").read_bytes()
     assert "gate.json" not in hub.files  # its config names local files; the card carries the verdicts
+
+
+# ---- identifiers and local paths (issue 17) --------------------------------------------------------------------
+
+PLANTED = {"US_SSN": "512-37-4829", "MRN": "MRN 00482913", "EMAIL_ADDRESS": "jane.roe@example.com",
+           "PHONE_NUMBER": "(617) 555-0142"}
+
+
+@pytest.fixture(scope="module")
+def phi_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A 2-step run whose FIRST row holds an SSN, a record number, an email and a phone (data.phi=report, the
+    default, trains on them), decontaminated against a benchmark file given by absolute path (a list value)."""
+    from medtune.recipe import load_recipe
+    from medtune.train.loop import run_training
+
+    root = tmp_path_factory.mktemp("phi-run")
+    bench_dir = root / "private-benchmarks"
+    bench_dir.mkdir()
+    bench = bench_dir / "medqa_local.jsonl"
+    bench.write_text(json.dumps({"question": "Which vitamin deficiency causes scurvy in sailors on long voyages?",
+                                 "options": {"A": "C", "B": "D", "C": "K", "D": "B12"}, "answer_idx": "A"}) + "\n")
+    rows = [{"question": f"Patient SSN {PLANTED['US_SSN']}, {PLANTED['MRN']}: what is gout?",
+             "answer": f"Gout is arthritis from urate crystals. Reach the clinic at {PLANTED['EMAIL_ADDRESS']} "
+                       f"or {PLANTED['PHONE_NUMBER']}."}]
+    rows += [{"question": f"What is condition {i}?", "answer": f"Condition {i} is a made-up example."}
+             for i in range(7)]
+    data = root / "notes.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={root / 'run'}", f"data.path={data}",
+                                "data.format=qa", "data.max_length=128", "data.eval_ratio=0", "train.max_steps=2",
+                                "train.batch_size=4", "train.precision=fp32", "lora.r=4", "train.seed=0",
+                                f"data.decontaminate={json.dumps([f'medqa={bench}'])}"])
+    return run_training(recipe).run_dir, bench
+
+
+def test_training_card_shows_the_first_example_redacted(phi_run):
+    run, bench = phi_run
+    card = (run / "README.md").read_text()
+    assert "First training example" in card
+    for value in PLANTED.values():
+        assert value not in card, value
+    for placeholder in ("<SSN>", "<MRN>", "<EMAIL>", "<PHONE>"):
+        assert placeholder in card, placeholder
+    assert str(bench) not in card and str(bench.parent) not in card
+    assert "medqa=medqa_local.jsonl" in card  # the list value keeps its task, loses its folder
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_push_refuses_identifiers_in_anything_it_uploads(phi_run, hub, tmp_path, merged, capsys):
+    run, _ = phi_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    # an answer sampled from the data (data.phi=report keeps identifiers) lands in the card's samples
+    (copy / "samples.json").write_text(json.dumps([{"prompt": "What is gout?", "base": "No idea.",
+                                                    "tuned": f"Call {PLANTED['PHONE_NUMBER']} now."}]))
+    if merged:  # the card as merged goes as written at training time: put the sample there too
+        card = copy / "README.md"
+        card.write_text(card.read_text() + f"\nAsk {PLANTED['EMAIL_ADDRESS']}.\n")
+    argv = ["push", str(copy), "--repo-id", "medtune-org/phi", "--base-model", BASE_ID] + (["--merged"] if merged
+                                                                                           else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "README.md" in err and "refusing to push: the PHI scan found" in err, err
+    assert ("EMAIL_ADDRESS" if merged else "PHONE_NUMBER") in err
+    assert not any(value in err for value in PLANTED.values())  # the error names kinds, never the text
+    assert not any("/commit/" in r[1] for r in hub.requests)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_pushed_card_and_recipe_carry_no_identifier_or_local_path(phi_run, hub, merged):
+    run, bench = phi_run
+    push_run(run, "medtune-org/phi", merged=merged, base_model=BASE_ID)
+    texts = {name: content.decode() for name, content in hub.files.items()
+             if not name.endswith((".safetensors", ".png"))}
+    assert "README.md" in texts and ("recipe.yaml" in texts) is not merged
+    for name, text in texts.items():
+        for value in PLANTED.values():
+            assert value not in text, (name, value)
+        for local in (str(bench), str(bench.parent), str(bench.resolve().parent), str(run.parent)):
+            assert local not in text, (name, local)
+    import yaml
+
+    if not merged:
+        assert yaml.safe_load(texts["recipe.yaml"])["data"]["decontaminate"] == ["medqa=medqa_local.jsonl"]
+    assert "<SSN>" in texts["README.md"] and "<EMAIL>" in texts["README.md"]
+    assert "medqa=medqa_local.jsonl" in texts["README.md"]
+
+
+def test_a_recipe_path_outside_home_left_in_a_file_stops_the_push(phi_run, hub, tmp_path):
+    run, bench = phi_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "chat_template.jinja").write_text((copy / "chat_template.jinja").read_text() + f"{{# {bench} #}}")
+    with pytest.raises(MedtuneError, match=r"chat_template.jinja.*a local file or folder of the recipe"):
+        push_run(copy, "medtune-org/phi", base_model=BASE_ID)
+    assert not any("/commit/" in r[1] for r in hub.requests)

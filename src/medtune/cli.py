@@ -166,7 +166,8 @@ def cmd_serve(args) -> int:
 
     run_server(args.model, args.adapter or [], host=args.host, port=args.port,
                api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_queue=args.max_queue,
-               max_tokens=args.max_tokens, max_batch=args.max_batch, device=args.device)
+               max_tokens=args.max_tokens, max_batch=args.max_batch, device=args.device,
+               allow_no_key=args.allow_no_key, max_body_bytes=args.max_body_bytes)
     return 0
 
 
@@ -422,7 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes "
-                   "(default: $MEDTUNE_API_KEY, else no key)")
+                   "(default: $MEDTUNE_API_KEY, else no key). Without a key only requests whose Host header is "
+                   "localhost, 127.0.0.1, [::1] or --host are served (421 otherwise: DNS rebinding)")
+    p.add_argument("--allow-no-key", action="store_true", help="serve a non-loopback --host (e.g. 0.0.0.0) "
+                   "without an API key (refused otherwise)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; bigger ones are "
+                   "413 before they are read (default 1 MiB)")
     p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get HTTP 429")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens (and the default)")
     p.add_argument("--max-batch", type=int, default=4, help="waiting requests answered together in one batch "

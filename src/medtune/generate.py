@@ -15,6 +15,7 @@ import torch
 from medtune.errors import MedtuneError
 from medtune.models import bf16_supported, load_base_model, load_tokenizer, pick_device, resolve_model
 from medtune.recipe import QuantConfig, TokenizerConfig
+from medtune.run.adapter import check_adapter
 from medtune.run.meta import is_run_dir, read_run_meta
 from medtune.tokenizer import prepare_tokenizer
 
@@ -51,6 +52,7 @@ def load_for_inference(model_or_run: str, *, device: str = "auto", precision: st
     if is_run_dir(model_or_run):
         from peft import PeftModel
 
+        check_adapter(model_or_run)
         meta = read_run_meta(model_or_run)
         tok = load_tokenizer(model_or_run)
         base = load_base_model(meta.base_model_path, dtype=dtype, device=dev, quant=QuantConfig(**meta.quant),

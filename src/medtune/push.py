@@ -6,8 +6,14 @@ token (`HF_TOKEN`, or `hf auth login`), medtune stops with one clear error befor
 
 What is uploaded is a copy made for the Hub: adapter_config.json names the base by its hub id (so
 `PeftModel.from_pretrained` works on any machine), the run folder becomes the repository id and the base's
-local folder its hub id in every text file, and recipe.yaml keeps only file names of local data. Any local
-path still left (the run, the base folder, the home directory, $MEDTUNE_HOME) stops the push, naming the file.
+local folder its hub id in every text file, and recipe.yaml and the card keep only file names of local data
+(lists such as data.decontaminate's `task=PATH` included). Any local path still left (the run, the base folder,
+the home directory, $MEDTUNE_HOME, any file or folder the recipe names) stops the push, naming the file.
+
+The card's first training example is redacted (`medtune.data.hygiene.redact_identifiers`), and every text file
+about to be uploaded is scanned for identifiers of a person (emails, phones, SSNs, record numbers, street
+addresses, IPs; names with a spaCy model): any found stops the push, naming the file and the kinds found, never
+the text (e.g. sample answers of a run trained with data.phi=report on data holding identifiers).
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from pathlib import Path
 
 import yaml
 
+from medtune.data.hygiene import identifiers_in
 from medtune.errors import MedtuneError
 from medtune.export.merge import check_run, merge_run
 from medtune.models import medtune_home, offline
+from medtune.run.card import local_paths, public_value
 from medtune.run.layout import ADAPTER_FILES as ADAPTER
 from medtune.run.layout import CARD, META, PLOTS, RECIPE
 from medtune.run.meta import read_run_meta
@@ -37,6 +45,7 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 ADAPTER_FILES = [CARD, *ADAPTER, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                  "tokenizer.model", "chat_template.jinja", "generation_config.json", RECIPE, f"{PLOTS}/*.png"]
 BINARY = (".safetensors", ".png", ".model", ".bin", ".gguf")
+VOCABULARY = ("tokenizer.json", "vocab.json", "merges.txt")  # the base's vocabulary: not scanned for identifiers
 
 
 def hub_token() -> str:
@@ -68,17 +77,8 @@ def base_hub_id(run: Path, base_model: str | None) -> str:
 
 
 def _local_recipe(recipe: dict, hub_id: str) -> dict:
-    """recipe.yaml as pushed: the base by hub id, no output_dir, local files by name only."""
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        if isinstance(value, str) and value.startswith(("/", "~")):
-            return Path(value).name
-        return value
-
-    return {**strip(recipe), "model": hub_id, "output_dir": None}
+    """recipe.yaml as pushed: the base by hub id, no output_dir, local files by name only (lists included)."""
+    return {**public_value(recipe), "model": hub_id, "output_dir": None}
 
 
 def prepare_upload(folder: Path, run: Path, repo_id: str, hub_id: str) -> None:
@@ -97,13 +97,22 @@ def prepare_upload(folder: Path, run: Path, repo_id: str, hub_id: str) -> None:
         data["base_model_name_or_path"] = hub_id
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     recipe = folder / RECIPE
+    named: set[str] = set()
     if recipe.is_file():
-        data = _local_recipe(yaml.safe_load(recipe.read_text(encoding="utf-8")), hub_id)
-        recipe.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    forbidden = {str(run.resolve()): "the run directory", str(Path(meta.base_model_path).resolve()): "the base "
+        original = yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}
+        named = local_paths({k: v for k, v in original.items() if k != "model"})
+        recipe.write_text(yaml.safe_dump(_local_recipe(original, hub_id), sort_keys=False), encoding="utf-8")
+    forbidden = {**{p: "a local file or folder of the recipe" for p in named},
+                 str(run.resolve()): "the run directory", str(Path(meta.base_model_path).resolve()): "the base "
                  "model's local folder", str(medtune_home().resolve()): "$MEDTUNE_HOME", str(Path.home()): "the home "
                  "directory"}
     forbidden = {k: v for k, v in forbidden.items() if len(k) > 1}  # a home of "/" would match everything
+    _rewrite_and_check(folder, replace, forbidden)
+    _check_identifiers(folder)
+
+
+def _rewrite_and_check(folder: Path, replace: dict[str, str], forbidden: dict[str, str]) -> None:
+    """Replace the run and base paths in every text file of `folder`; refuse a forbidden path left in one."""
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in BINARY):
         try:
             text = path.read_text(encoding="utf-8")
@@ -118,6 +127,20 @@ def prepare_upload(folder: Path, run: Path, repo_id: str, hub_id: str) -> None:
             if local in new:
                 raise MedtuneError(f"refusing to push: it names {what} ({local}); remove it from the file",
                                    file=str(path.relative_to(folder)))
+
+
+def _check_identifiers(folder: Path) -> None:
+    """Refuse the push when the PHI scan finds an identifier of a person in a text file about to be uploaded."""
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in BINARY
+                       and p.name not in VOCABULARY):
+        try:
+            found = identifiers_in(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            continue
+        if found:
+            raise MedtuneError(f"refusing to push: the PHI scan found {', '.join(found)} in it; remove them "
+                               "(train with data.phi=redact when they come from the data) and push again",
+                               file=str(path.relative_to(folder)))
 
 
 def _stage(run: Path, target: Path) -> Path:

@@ -253,6 +253,21 @@ def redact(text: str, spans: list[tuple[int, int, str]]) -> str:
     return text
 
 
+# What `medtune push` refuses to upload: identifiers of a person. Dates and URLs are left to data.phi (a card has
+# hub links and version dates of its own).
+IDENTIFIERS = frozenset({"EMAIL_ADDRESS", "PHONE_NUMBER", "US_SSN", "MRN", "STREET_ADDRESS", "PERSON", "IP_ADDRESS"})
+
+
+def redact_identifiers(text: str) -> str:
+    """`text` with every PHI span found replaced by its placeholder (<EMAIL>, <PHONE>, ...)."""
+    return redact(text, find_phi(text, ner_model()))
+
+
+def identifiers_in(text: str) -> list[str]:
+    """The identifier types (IDENTIFIERS) the PHI scan finds in `text`, sorted; never the matched text."""
+    return sorted({entity for _, _, entity in find_phi(text, ner_model()) if entity in IDENTIFIERS})
+
+
 def scan_phi(examples: list[Example], mode: str) -> tuple[list[Example], dict]:
     model = ner_model()
     counts: Counter[str] = Counter()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.errors import MedtuneError
-from medtune.export.merge import MERGE_INFO, merge_run
+from medtune.export.merge import MERGE_INFO, check_run, merge_run
 from medtune.models import medtune_home, resolve_model
 from medtune.run.meta import is_run_dir
 
@@ -226,6 +226,8 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> ExportResul
     for path in (out, card):
         if path.exists():
             raise MedtuneError("already exists; remove it or choose another --out", file=str(path))
+    if is_run_dir(source):
+        check_run(source)  # a missing or broken adapter: one error before the converter is set up
     out.parent.mkdir(parents=True, exist_ok=True)
     converter_env()  # before a long merge: a converter that cannot be installed fails at once
     with tempfile.TemporaryDirectory(prefix=".medtune-merge-", dir=out.parent) as scratch:

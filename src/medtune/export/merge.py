@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
 from medtune.errors import MedtuneError
+from medtune.run.adapter import check_adapter
 from medtune.run.card import merged_card
 from medtune.run.layout import ADAPTER_FILES, CARD, META, PLOTS, RECIPE
 from medtune.run.meta import is_run_dir, read_run_meta
@@ -38,6 +40,7 @@ def check_run(run: str | Path) -> Path:
     if not all((run / name).is_file() for name in ADAPTER_FILES):
         raise MedtuneError("the run has no adapter (adapter_config.json + adapter_model.safetensors); did training "
                            "finish? A checkpoint can be resumed with resume=true", file=str(run))
+    check_adapter(run)
     return run
 
 
@@ -73,8 +76,22 @@ def merged_model(run: str | Path):
     return model, tok
 
 
+def _write_merged(run: Path, model, tok, folder: Path, dtype: str) -> None:
+    meta = read_run_meta(run)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    info = {"merged_from": str(run.resolve()), "base_model": meta.base_model, "dtype": dtype,
+            "template": meta.template, "stop_tokens": meta.stop_tokens, "stop_token_ids": meta.stop_token_ids,
+            "system_prompt": run_system_prompt(run), "max_length": meta.max_length}
+    (folder / MERGE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    (folder / CARD).write_text(merged_card(run, dtype), encoding="utf-8")
+    if (run / PLOTS).is_dir():  # the card shows them
+        shutil.copytree(run / PLOTS, folder / PLOTS)
+
+
 def merge_run(run: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
-    """Write the merged model folder `out` (refuses a non-empty one; written to `out.tmp`, then renamed)."""
+    """Write the merged model folder `out` (refuses a non-empty one; written to a fresh `.<out>.*.tmp` folder
+    beside it, then renamed)."""
     from transformers import GenerationConfig
 
     if dtype not in DTYPES:
@@ -90,20 +107,18 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
         del model.config.quantization_config
     model.generation_config = GenerationConfig.from_pretrained(run)
 
-    meta = read_run_meta(run)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    info = {"merged_from": str(run.resolve()), "base_model": meta.base_model, "dtype": dtype,
-            "template": meta.template, "stop_tokens": meta.stop_tokens, "stop_token_ids": meta.stop_token_ids,
-            "system_prompt": run_system_prompt(run), "max_length": meta.max_length}
-    (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
-    (tmp / CARD).write_text(merged_card(run, dtype), encoding="utf-8")
-    if (run / PLOTS).is_dir():  # the card shows them
-        shutil.copytree(run / PLOTS, tmp / PLOTS)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh folder of our own next to `out` (never a fixed `<out>.tmp` name: a user's folder of that name is
+    # theirs); removed if anything fails, renamed to `out` when complete.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's is 0700; a model folder is as readable as save_pretrained would make it
+    try:
+        _write_merged(run, model, tok, tmp, dtype)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from medtune.data.hygiene import redact_identifiers
 from medtune.recipe import Recipe
 from medtune.run.layout import CARD, DATA_REPORT, EVAL, GATE, GATE_PLOT, METRICS_FINAL, PLOTS, RECIPE, SAMPLES
 from medtune.run.meta import RunMeta, read_run_meta
@@ -173,10 +174,11 @@ def training_data(report: dict | None) -> str:
         from medtune.data.prepare import hygiene_lines
 
         text += "\n\nData hygiene (`medtune data check`):\n\n```text\n" + "\n".join(
-            line.strip() for line in hygiene_lines(report["hygiene"])) + "\n```"
+            public_text(line.strip()) for line in hygiene_lines(report["hygiene"])) + "\n```"
     if report.get("example"):
-        text += ("\n\nFirst training example (« » marks the tokens that carry loss):\n\n```text\n"
-                 + report["example"] + "\n```")
+        text += ("\n\nFirst training example (« » marks the tokens that carry loss; identifiers the PHI scan finds "
+                 "are replaced by <EMAIL>, <PHONE>, ...):\n\n```text\n" + redact_identifiers(report["example"])
+                 + "\n```")
     return text
 
 
@@ -368,15 +370,57 @@ def _recipe_value(value: Any) -> str:
     return cell(value if isinstance(value, str) else json.dumps(value))
 
 
+def _is_local_path(value: str) -> bool:
+    return Path(value).expanduser().is_absolute()
+
+
 def _public_name(name: str) -> str:
-    """A model or data name fit for a public card: an absolute (or home) path becomes its last part."""
-    return Path(name).name if Path(name).expanduser().is_absolute() else name
+    """A model or data name fit for a public card: an absolute (or home) path becomes its last part, also as the
+    value of a `key=PATH` spec (data.decontaminate's `medqa=/data/medqa.jsonl` -> `medqa=medqa.jsonl`)."""
+    if _is_local_path(name):
+        return Path(name).name
+    key, sep, value = name.partition("=")
+    if sep and _is_local_path(value.strip()):
+        return f"{key}={Path(value.strip()).name}"
+    return name
+
+
+def public_value(value: Any) -> Any:
+    """A recipe value (dicts and lists walked) with every local path replaced by its last part."""
+    if isinstance(value, dict):
+        return {k: public_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [public_value(v) for v in value]
+    return _public_name(value) if isinstance(value, str) else value
 
 
 def _public(tree: dict) -> dict:
-    """The recipe with every absolute path value replaced by its last part."""
-    return {k: _public(v) if isinstance(v, dict) else _public_name(v) if isinstance(v, str) else v
-            for k, v in tree.items()}
+    return public_value(tree)
+
+
+_PATH_IN_TEXT = re.compile(r"(?<![\w/.~:-])~?/[^\s`'\"|,;()<>]+")
+
+
+def public_text(text: str) -> str:
+    """Free text with every absolute path in it replaced by its last part ("against medqa=/a/b.jsonl" ->
+    "against medqa=b.jsonl")."""
+    return _PATH_IN_TEXT.sub(lambda m: Path(m.group(0)).name or m.group(0), text)
+
+
+def local_paths(value: Any) -> set[str]:
+    """Every local absolute path named in a recipe value, resolved, with the folder it is in."""
+    if isinstance(value, dict):
+        return set().union(*(local_paths(v) for v in value.values()))
+    if isinstance(value, list | tuple):
+        return set().union(*(local_paths(v) for v in value))
+    if not isinstance(value, str):
+        return set()
+    found = set()
+    for candidate in (value, value.partition("=")[2].strip()):
+        if candidate and _is_local_path(candidate):
+            path = Path(candidate).expanduser()
+            found |= {str(path), str(path.resolve()), str(path.parent), str(path.resolve().parent)}
+    return {p for p in found if len(p) > 1}
 
 
 def _run_ref(run_dir: Path) -> str:

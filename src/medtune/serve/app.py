@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medtune.errors import MedtuneError
 from medtune.serve.engine import Engine, Job, QueueFull, Result, Route
+from medtune.serve.gate import DEFAULT_MAX_BODY_BYTES, Gate
 from medtune.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -87,10 +88,11 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None,
-               max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS) -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None, max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+               host: str = "127.0.0.1", max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The API over `engine` (its worker starts and stops with the app). With `api_key`, every /v1 route
-    wants `Authorization: Bearer <api_key>`."""
+    wants `Authorization: Bearer <api_key>`; without one, only requests whose Host is a name of `host` (the bound
+    address) or loopback are served (`medtune.serve.gate`). Bodies over `max_body_bytes` are 413, unread."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -102,6 +104,8 @@ def create_app(engine: Engine, *, api_key: str | None = None,
                   description="OpenAI-compatible API for a base model and its medtune LoRA adapters. "
                               "Research use only: not medical advice.")
     _error_handlers(app)
+    app.add_middleware(Gate, api_key=api_key, host=host, max_body_bytes=max_body_bytes)
+
     def check_key(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
         if cred is None or not secrets.compare_digest(cred.credentials.encode(), api_key.encode()):
             raise ApiError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
@@ -126,7 +130,7 @@ def create_app(engine: Engine, *, api_key: str | None = None,
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=auth,
               responses={**_SSE, **_ERRORS}, tags=["openai"])
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         route = _route(engine, req.model)
         messages = [m.model_dump() for m in req.messages]
         check_conversation(messages, max_prompt_chars)
@@ -139,14 +143,14 @@ def create_app(engine: Engine, *, api_key: str | None = None,
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(_chat_chunks(pending, cid, now, req.model, usage))
-        result = await pending.result()
+        result = await pending.result_unless_gone(request)
         return ChatCompletion(id=cid, created=now, model=req.model, usage=_usage(result),
                               choices=[ChatChoice(message=AssistantMessage(content=result.text),
                                                   finish_reason=result.finish_reason)])
 
     @app.post("/v1/completions", response_model=Completion, dependencies=auth,
               responses={**_SSE, **_ERRORS}, tags=["openai"])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         route = _route(engine, req.model)
         if len(req.prompt) > max_prompt_chars:
             raise ApiError(400, f"the prompt is longer than {max_prompt_chars} characters", param="prompt")
@@ -155,7 +159,7 @@ def create_app(engine: Engine, *, api_key: str | None = None,
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(_completion_chunks(pending, cid, now, req.model, usage))
-        result = await pending.result()
+        result = await pending.result_unless_gone(request)
         return Completion(id=cid, created=now, model=req.model, usage=_usage(result),
                           choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)])
 
@@ -227,6 +231,27 @@ class _Pending:
             if kind == "done":
                 return value
         raise AssertionError("the stream ends with done")
+
+    async def result_unless_gone(self, request: Request) -> Result:
+        """`result()`, unless the client hangs up first: then the job is cancelled (the worker skips or stops
+        it, as for a stream) and the answer nobody will read is a 499."""
+        answer = asyncio.ensure_future(self.result())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not answer.done():
+            self.job.cancelled.set()
+            answer.cancel()
+            raise ApiError(499, "the client closed the connection")
+        return answer.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has hung up (the body is already read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _route(engine: Engine, name: str) -> Route:
@@ -360,16 +385,23 @@ def _is_loopback(host: str) -> bool:
 
 def run_server(model_or_run: str, adapters: list[str], *, host: str = "127.0.0.1", port: int = 8000,
                api_key: str | None = None, max_queue: int = 16, max_tokens: int = 512, max_batch: int = 4,
-               device: str = "auto", precision: str = "auto", log_level: str = "info") -> None:
-    """Load the base and adapters, then serve until Ctrl-C."""
+               device: str = "auto", precision: str = "auto", log_level: str = "info",
+               allow_no_key: bool = False, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    """Load the base and adapters, then serve until Ctrl-C. A non-loopback `host` wants an `api_key` (or
+    `allow_no_key`): anyone who can reach the address could otherwise use the model."""
     import uvicorn
 
     named = parse_adapters(adapters)
-    if min(max_queue, max_tokens, max_batch) < 1:
-        raise MedtuneError("--max-queue, --max-tokens and --max-batch must be at least 1", field="--max-queue")
+    if min(max_queue, max_tokens, max_batch, max_body_bytes) < 1:
+        raise MedtuneError("--max-queue, --max-tokens, --max-batch and --max-body-bytes must be at least 1",
+                           field="--max-queue")
     if not _is_loopback(host) and not api_key:
+        if not allow_no_key:
+            raise MedtuneError(f"serving on {host} (not loopback) needs --api-key (or ${API_KEY_ENV}); pass "
+                               "--allow-no-key to serve anyone who can reach this address", field="--host")
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
     engine = Engine.load(model_or_run, named, device=device, precision=precision, max_queue=max_queue,
                          max_tokens=max_tokens, max_batch=max_batch)
     log.info("serving %s on http://%s:%d/v1 (not medical advice)", ", ".join(engine.routes), host, port)
-    uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level=log_level)
+    app = create_app(engine, api_key=api_key, host=host, max_body_bytes=max_body_bytes)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -33,6 +33,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from medtune.errors import MedtuneError
 from medtune.generate import load_for_inference
 from medtune.models import load_tokenizer, resolve_model
+from medtune.run.adapter import check_adapter
 from medtune.run.meta import is_run_dir, read_run_meta
 
 log = logging.getLogger("medtune")
@@ -82,24 +83,51 @@ class QueueFull(Exception):
     """Every worker slot and queue place is taken: the client should retry later (HTTP 429)."""
 
 
+def _failure(stop: str) -> list[int]:
+    """KMP's table: fail[k] = length of the longest proper prefix of stop[:k + 1] that is also its suffix."""
+    fail, k = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
 class StopScanner:
     """Text pieces in, text safe to send out: cuts at the first stop string and holds back a tail that could be
-    the start of one, so a stop string split across tokens is never half sent."""
+    the start of one, so a stop string split across tokens is never half sent.
+
+    Matching is incremental (Knuth-Morris-Pratt, one automaton per stop): each new character costs O(1)
+    amortized per stop, whatever the stop's length or the text so far, so a request's stop strings cannot
+    make a token cost more than O(len(piece) * number of stops)."""
 
     def __init__(self, stops: list[str]):
-        self.stops, self.buf, self.hit = stops, "", False
+        self.stops = [s for s in stops if s]
+        self.fails = [_failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)  # characters of each stop matched at the end of the text so far
+        self.buf, self.hit = "", False  # buf: the held-back tail, the longest partial match
 
     def feed(self, piece: str) -> str:
         if self.hit:
             return ""
-        self.buf += piece
-        cuts = [i for s in self.stops if (i := self.buf.find(s)) >= 0]
-        if cuts:
-            self.hit = True
-            out, self.buf = self.buf[:min(cuts)], ""
-            return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buf.endswith(s[:k])), default=0)
-        out, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
+        text = self.buf + piece
+        base = len(self.buf)  # the automata have already seen buf
+        for pos in range(len(piece)):
+            ch = piece[pos]
+            for j, stop in enumerate(self.stops):
+                k, fail = self.state[j], self.fails[j]
+                while k and stop[k] != ch:
+                    k = fail[k - 1]
+                if stop[k] == ch:
+                    k += 1
+                if k == len(stop):  # the first stop completed: the text ends before it
+                    self.hit, self.buf = True, ""
+                    return text[:base + pos + 1 - k]
+                self.state[j] = k
+        keep = max(self.state, default=0)
+        out, self.buf = text[:len(text) - keep], text[len(text) - keep:]
         return out
 
     def flush(self) -> str:
@@ -209,6 +237,7 @@ class Engine:
                                    field="--adapter")
             if not is_run_dir(run):
                 raise MedtuneError("not a medtune run directory (no medtune.json)", file=str(run), field="--adapter")
+            check_adapter(run)
             meta = read_run_meta(run)
             if Path(meta.base_model_path).resolve() != Path(base_path).resolve():
                 raise MedtuneError(f"adapter '{name}' was trained on {meta.base_model_path}, but the server's base "

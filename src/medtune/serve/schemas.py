@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_STOP_CHARS = 256  # per stop string (matching is incremental; the cap keeps the held-back tail short)
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class StreamOptions(BaseModel):
@@ -29,8 +31,9 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=1, description="number of choices; only 1 is served")
     stream: bool = Field(False, description="send server-sent events (`data: {chunk}`), ending with `data: [DONE]`")
     stream_options: StreamOptions | None = Field(None, description="with stream: include_usage adds a usage chunk")
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
-        None, description="up to 4 strings; generation ends before the first one")
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description=f"up to {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters; generation "
+                          "ends before the first one")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="seed for sampling (with temperature > 0)")
 
     @field_validator("n", "seed", "max_tokens", "max_completion_tokens", mode="before", check_fields=False)

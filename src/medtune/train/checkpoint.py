@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import shutil
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from medtune.errors import MedtuneError
-from medtune.run.layout import ADAPTER_FILES, CHECKPOINTS, METRICS
+from medtune.run.adapter import adapter_problem
+from medtune.run.layout import ADAPTER_FILES, CHECKPOINTS, METRICS, RECIPE
+
+log = logging.getLogger("medtune")
 
 STATE = "trainer_state.json"
 
@@ -78,15 +84,30 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        old = final.with_name(final.name + ".old")
-        if final.exists():  # the same step saved again (interrupted right after a periodic save)
-            final.rename(old)
-        tmp.rename(final)
+        with _signals_held():  # a signal between the renames would leave no step-N at all
+            old = final.with_name(final.name + ".old")
+            if final.exists():  # the same step saved again (interrupted right after a periodic save)
+                final.rename(old)
+            tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     if keep_last_n > 0:
         for stale in complete_checkpoints(run_dir)[:-keep_last_n]:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT/SIGTERM wait (blocked, not lost) until the block ends; a no-op where signals cannot be blocked."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def save_adapter(run_dir: Path, model, adapter_state: dict | None = None) -> None:
@@ -122,6 +143,40 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     done = complete_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+def check_same_adapter(run_dir: Path, lora: dict) -> None:
+    """Resume: the recipe's `lora` section must describe the adapter the checkpoints hold (the run's recipe.yaml);
+    a changed key (lora.r, ...) is one error naming it, not a tensor shape mismatch. Dropout may change."""
+    path = run_dir / RECIPE
+    if not path.is_file():
+        return
+    saved = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("lora") or {}
+    for key in sorted(set(saved) | set(lora)):
+        if key != "dropout" and key in saved and saved[key] != lora.get(key):
+            raise MedtuneError(f"resume=true but lora.{key} is {lora.get(key)!r}; the run's checkpoints were trained "
+                               f"with lora.{key}={saved[key]!r}. Resume with the same value, or train a new run",
+                               file=str(path), field=f"lora.{key}")
+
+
+def resume_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[Path, TrainState]:
+    """Load the newest checkpoint that is whole; a newer one whose adapter or training state is cut short (a
+    full disk, a copy that stopped) is skipped with a warning naming it and what is wrong."""
+    done = complete_checkpoints(run_dir)
+    if not done:
+        raise MedtuneError("resume=true but the run has no complete checkpoint yet", file=str(run_dir),
+                           field="resume")
+    for ckpt in reversed(done):
+        problem = adapter_problem(ckpt)
+        if problem is None:
+            try:
+                return ckpt, load_checkpoint(ckpt, model, optimizer, scheduler)
+            except (RuntimeError, OSError, ValueError, KeyError, EOFError) as e:
+                problem = (str(ckpt / "training.pt"), f"cannot be read ({str(e).splitlines()[0][:200]})")
+        log.warning("checkpoint %s is damaged: %s %s; falling back to the previous complete checkpoint",
+                    ckpt.name, Path(problem[0]).name, problem[1])
+    raise MedtuneError(f"resume=true but none of the run's {len(done)} checkpoints can be loaded (see the "
+                       "warnings above)", file=str(checkpoint_dir(run_dir)), field="resume")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:

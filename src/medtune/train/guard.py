@@ -43,6 +43,11 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
+    def ignore(self) -> None:
+        """Once the run is stopping: further SIGINT/SIGTERM are ignored until the handlers are restored."""
+        for s in self._previous:
+            signal.signal(s, signal.SIG_IGN)
+
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
             raise Interrupted(self.signum)

@@ -48,8 +48,9 @@ from medtune.tokenizer import ChatSetup, prepare_tokenizer
 from medtune.train.allocator import return_freed_memory_to_os
 from medtune.train.checkpoint import (
     TrainState,
+    check_same_adapter,
     latest_checkpoint,
-    load_checkpoint,
+    resume_checkpoint,
     save_adapter,
     save_checkpoint,
     trim_metrics,
@@ -158,6 +159,15 @@ def _pick_run_dir(recipe: Recipe) -> Path:
     return candidate
 
 
+def _lock(run_dir: Path) -> RunLock:
+    """Create the run directory and take its lock; a folder that cannot be written is one clear error."""
+    try:
+        return RunLock(run_dir).acquire()
+    except OSError as e:
+        raise MedtuneError(f"cannot write the run directory: {e.strerror or e}; choose a writable output_dir",
+                           file=str(run_dir), field="output_dir") from None
+
+
 def _save_run_files(run_dir: Path, recipe: Recipe, tok, chat: ChatSetup, model_dir: str, device=None,
                     precision: str = "fp32") -> None:
     """Everything later commands need to reload the run exactly as trained."""
@@ -206,7 +216,7 @@ def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
     log.info(check_memory(estimate_for_recipe(recipe, model_dir, device, bf16), device, force))
 
     run_dir = dist.broadcast(_pick_run_dir(recipe) if dist.is_main else None)
-    lock = RunLock(run_dir).acquire() if dist.is_main else None
+    lock = _lock(run_dir) if dist.is_main else None
     try:
         if dist.is_main:
             with writing(run_dir, "the run directory"):
@@ -258,11 +268,8 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
 
     state = TrainState(step=0, base_eval={})
     if recipe.resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise MedtuneError("resume=true but the run has no complete checkpoint yet", file=str(run_dir),
-                               field="resume")
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        check_same_adapter(run_dir, recipe.lora.model_dump())
+        ckpt, state = resume_checkpoint(run_dir, model, optimizer, scheduler)
         if dist.is_main:
             trim_metrics(run_dir, state.step)
         log.info("resuming from %s (step %d of %d)", ckpt, state.step, total_steps)
@@ -382,11 +389,14 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
         except Interrupted as halt:
             bar.close()  # before the message, not after it
             optimizer.zero_grad(set_to_none=True)
+            message = f"step abandoned; last complete checkpoint {latest_checkpoint(run_dir)}"
             if halt.step_finished:
-                path = checkpoint()
-                message = f"checkpoint {path}"
-            else:
-                message = f"step abandoned; last complete checkpoint {latest_checkpoint(run_dir)}"
+                try:
+                    message = f"checkpoint {checkpoint()}"
+                except Interrupted:  # a second signal while it was written: the half-written one is removed
+                    message = (f"second signal: checkpoint abandoned; last complete checkpoint "
+                               f"{latest_checkpoint(run_dir)}")
+            signals.ignore()  # from here on a further signal must not cut the message short
             tracker.close()
             if dist.is_main:
                 print(f"\ninterrupted at step {state.step}/{total_steps}; {message}\n"
