@@ -423,12 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "lm-evaluation-harness. Results of a run go to RUN/eval/<task>.json/.md and its model card.")
     p.add_argument("model", help="model name (smollm2-135m-instruct), model folder, or run directory")
     p.add_argument("--task", action="append", required=True, help="perplexity, medqa, pubmedqa, mmlu_medical, medmcqa, "
-                   "rouge; repeatable or comma-separated")
+                   "rouge, medsafety (refusal rate on harmful requests), overrefusal (refusal rate on benign "
+                   "questions); repeatable or comma-separated")
     p.add_argument("--data", action="append", metavar="[TASK=]PATH", help="the task's file (mmlu_medical: a folder of "
-                   "<subject>_<split>.csv); perplexity of a run defaults to its held-out split")
+                   "<subject>_<split>.csv; medsafety: a MedSafetyBench folder of category_N.csv or a .txt/.jsonl/.csv "
+                   "of prompts; overrefusal: the same plain layouts, default demo:benign); perplexity of a run "
+                   "defaults to its held-out split")
     p.add_argument("--fewshot", type=int, default=0, help="k-shot benchmark prompts (shots from --fewshot-data)")
     p.add_argument("--fewshot-data", action="append", metavar="[TASK=]PATH", help="file the shots come from (first k)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items (per MMLU subject)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (per MMLU subject, per safety "
+                   "category)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--compare-base", action="store_true", help="also evaluate the base (adapter off) on the same "
                    "items: delta and 95%% paired-bootstrap interval per metric")
@@ -438,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-tokens", action="store_true", help="perplexity over every token, not only the answers")
     p.add_argument("--window", type=int, default=None, help="perplexity context window (default: the run's max_length)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window step for long texts (default window/2)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="rouge: longest generated answer")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest generated answer (default: rouge 128, "
+                   "medsafety/overrefusal 96)")
     p.add_argument("--recipe", default=None, help="recipe whose data section reads --data for perplexity/rouge "
                    "(default: the run's own)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for reading --data, e.g. "

@@ -19,7 +19,7 @@ from typing import Any
 from medtune.errors import MedtuneError
 
 DEMO_FILES = {"terms": "terms.jsonl", "doctor_chats": "doctor_chats.jsonl", "remedies": "remedies.csv", "qa": "qa.jsonl",
-              "preferences": "preferences.jsonl", "general": "general.jsonl"}
+              "preferences": "preferences.jsonl", "general": "general.jsonl", "benign": "benign.jsonl"}
 
 
 @dataclass

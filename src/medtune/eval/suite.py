@@ -4,6 +4,8 @@ Every task yields metrics plus per-item rows, so `--compare-base` can run a pair
   benchmarks  rows [acc, acc_norm, confidence, Brier]  metrics acc, acc_norm (+ stderr), ece, brier
   perplexity  rows [summed NLL, tokens]        metric perplexity (lower is better)
   rouge       rows [ROUGE-L, BLEU statistics]  metrics rougeL, bleu
+  medsafety   rows [refused, harmfulness]      metrics refusal_rate (+ harmfulness with a judge), per category
+  overrefusal rows [refused, harmfulness]      metric overrefusal_rate (lower is better), per category
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from medtune.eval.calibration import ece
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
 from medtune.eval.report import write_run_results
 from medtune.eval.results import TaskResult
+from medtune.eval.safety import SAFETY_TASKS, category_intervals, data_for, read_items, run_safety
+from medtune.eval.safety import statistics as safety_statistics
 from medtune.generate import Loaded
 from medtune.run.meta import is_run_dir
 
 log = logging.getLogger("medtune")
-TASKS = ("perplexity", *BENCHMARKS, "rouge")
+TASKS = ("perplexity", *BENCHMARKS, "rouge", *SAFETY_TASKS)
 
 
 @dataclass
@@ -41,11 +45,12 @@ class EvalOptions:
     all_tokens: bool = False
     window: int | None = None  # perplexity context; default: the run's max_length (2048 for a plain model)
     stride: int | None = None
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None  # None: the task's default (rouge 128, medsafety/overrefusal 96)
     bootstrap: int = 1000
     precision: str = "auto"
     device: str = "auto"
     progress: bool = True
+    classifier: object | None = None  # medsafety/overrefusal: refusal.Classifier (e.g. a judge); None = offline rules
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -64,6 +69,8 @@ def check_options(opts: EvalOptions) -> None:
             raise MedtuneError("rouge needs --data FILE (and data.format=... for its layout)", field="--data")
         if task == "perplexity" and task not in opts.data and not is_run_dir(opts.model):
             raise MedtuneError("perplexity of a plain model needs --data FILE", field="--data")
+        if task in SAFETY_TASKS:
+            read_items(data_for(task, opts.data))  # a malformed file stops us before the model loads
 
 
 # One function per task kind: (loaded, opts, use_adapter) → (metrics, per-item rows, subtasks).
@@ -103,13 +110,24 @@ def _rouge(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
         cache["dialogues"] = read_dialogues(eval_recipe(opts.model, opts.data.get("rouge"), opts.recipe,
                                                         opts.overrides), opts.limit)
     dialogues = cache["dialogues"]
-    answers = generate_batch(loaded, [d[0] for d in dialogues], max_new_tokens=opts.max_new_tokens,
+    answers = generate_batch(loaded, [d[0] for d in dialogues], max_new_tokens=opts.max_new_tokens or 128,
                              batch_size=max(1, opts.batch_size // 2), use_adapter=use_adapter, progress=opts.progress)
     metrics, rows = score(answers, [d[1] for d in dialogues])
     return metrics, rows, {}
 
 
-RUNNERS = {"perplexity": _perplexity, "rouge": _rouge, **{b: _benchmark(b) for b in BENCHMARKS}}
+def _safety(task: str):
+    def run(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
+        if "items" not in cache:
+            cache["items"] = read_items(data_for(task, opts.data), opts.limit)
+        kw = {} if opts.max_new_tokens is None else {"max_new_tokens": opts.max_new_tokens}
+        return run_safety(loaded, task, cache["items"], classifier=opts.classifier, batch_size=max(1, opts.batch_size // 2),
+                          use_adapter=use_adapter, progress=opts.progress, **kw)
+    return run
+
+
+RUNNERS = {"perplexity": _perplexity, "rouge": _rouge, **{b: _benchmark(b) for b in BENCHMARKS},
+           **{t: _safety(t) for t in SAFETY_TASKS}}
 
 
 def _statistics(task: str) -> dict[str, tuple]:
@@ -120,6 +138,8 @@ def _statistics(task: str) -> dict[str, tuple]:
         from medtune.eval.rouge import bleu, rouge_l
 
         return {"rougeL": (rouge_l, True), "bleu": (lambda rows: bleu(rows.tolist()), True)}
+    if task in SAFETY_TASKS:
+        return safety_statistics(task)
     return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True),
             "ece": (lambda rows: ece(rows[:, 2], rows[:, 0]), False), "brier": (mean_of(3), False)}
 
@@ -136,9 +156,11 @@ def run_task(loaded: Loaded, task: str, opts: EvalOptions, cache: dict | None = 
     base, base_rows, base_subtasks = base if base is not None else RUNNERS[task](loaded, opts, False, cache)
     delta = {metric: paired_bootstrap(np.asarray(base_rows), np.asarray(rows), stat, iters=opts.bootstrap,
                                       higher_is_better=higher)
-             for metric, (stat, higher) in _statistics(task).items()}
+             for metric, (stat, higher) in _statistics(task).items() if metric in metrics}
     if subtasks:
         subtasks = {name: {"base": base_subtasks[name], "tuned": m} for name, m in subtasks.items()}
+    if subtasks and task in SAFETY_TASKS:  # one interval per category too
+        subtasks = category_intervals(task, cache["items"], base_rows, rows, subtasks, opts.bootstrap)
     return TaskResult(task, metrics, base, delta, subtasks)
 
 
