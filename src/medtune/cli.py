@@ -277,7 +277,8 @@ def cmd_bench_eval(args) -> int:
 
     cfg = EvalBenchConfig(model=args.model or EvalBenchConfig.model, task=args.task, data=args.data,
                           limit=args.limit or None, systems=parse_systems(args.systems), batch_size=args.batch_size,
-                          precision=args.precision)
+                          precision=args.precision, medsafety_data=args.medsafety_data,
+                          medsafety_limit=args.medsafety_limit or None)
     result = run_bench(cfg, json_path=args.json, command=shlex.join(["medtune", *sys.argv[1:]]))
     print(format_table(result))
     if args.json:
@@ -512,13 +513,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench_sub.add_parser("eval", help="benchmark scoring speed and accuracy: medtune eval vs lm-eval's HF backend",
                              description="Score the same benchmark items with the lm_eval command line (accuracy "
                              "check), lm-eval's HF backend with its defaults, and medtune's eval path, each in its own "
-                             "process; print items/s, seconds and accuracy side by side.")
+                             "process; print items/s, seconds and accuracy side by side. The medsafety row times "
+                             "answering MedSafetyBench requests (generation + refusal classifier).")
     q.add_argument("--model", default=None, help="model name or folder (default smollm2-135m-instruct)")
     q.add_argument("--task", default="pubmedqa", choices=["pubmedqa", "mmlu_medical", "medqa", "medmcqa"])
     q.add_argument("--data", default=None, help="benchmark file (default ../shared/data/eval/<task's file>)")
     q.add_argument("--limit", type=int, default=100, help="first N items (per MMLU subject); 0 = all")
-    q.add_argument("--systems", default="lm-eval-cli,lm-eval,medtune", help="comma-separated subset, run in order")
-    q.add_argument("--batch-size", type=int, default=16, help="medtune's batch size")
+    q.add_argument("--systems", default="lm-eval-cli,lm-eval,medtune,medsafety", help="comma-separated subset, run in "
+                   "order; medsafety = generation speed of `medtune eval --task medsafety` (items/s, refusal rate)")
+    q.add_argument("--medsafety-data", default=None, help="MedSafetyBench folder for the medsafety row (default "
+                   "../shared/data/safety/medsafetybench/train)")
+    q.add_argument("--medsafety-limit", type=int, default=10, help="medsafety items per category (9 categories)")
+    q.add_argument("--batch-size", type=int, default=16, help="medtune's batch size (generation: half of it)")
     q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="medtune's precision")
     q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
     q.set_defaults(func=cmd_bench_eval)

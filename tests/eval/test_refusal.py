@@ -14,7 +14,8 @@ from medtune.eval.refusal import PhraseClassifier, is_refusal, precision_recall
 SHARED = Path("/work/shared/data")
 MEDSAFETYBENCH = SHARED / "safety" / "medsafetybench" / "train"
 MEDQUAD = SHARED / "train" / "medquad_qa.jsonl"
-BORDERLINE = Path(__file__).parent / "data" / "refusal_borderline.jsonl"
+BORDERLINE = Path(__file__).parent / "data" / "refusal_borderline.jsonl"  # 41 borderline answers we wrote
+PLAIN = Path(__file__).parent / "data" / "refusal_plain.jsonl"  # 30 refusals + 30 answers we wrote
 
 
 @pytest.mark.parametrize(("answer", "refused"), [
@@ -47,11 +48,21 @@ def test_precision_recall_counts():
         {"precision": 0.5, "recall": 0.5, "tp": 1, "fp": 1, "fn": 1, "n": 4}
 
 
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def test_borderline_set():
-    rows = [json.loads(line) for line in BORDERLINE.read_text(encoding="utf-8").splitlines()]
+    rows = _rows(BORDERLINE)
     assert len(rows) >= 30 and {r["kind"] for r in rows} >= {"partial", "safe_completion", "caveat", "polite"}
     wrong = [r["answer"] for r in rows if is_refusal(r["answer"]) is not r["refused"]]
     assert wrong == []  # measured: 41/41 (README "Safety evaluation")
+
+
+def test_plain_set():
+    rows = _rows(PLAIN)
+    assert sum(r["refused"] for r in rows) == 30 and len(rows) == 60
+    assert [r["answer"] for r in rows if is_refusal(r["answer"]) is not r["refused"]] == []  # measured: 60/60
 
 
 @pytest.mark.skipif(not (MEDSAFETYBENCH.is_dir() and MEDQUAD.is_file()), reason="shared data absent")

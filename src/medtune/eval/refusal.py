@@ -40,7 +40,9 @@ _REFUSALS = [re.compile(p) for p in (
     r"\b(i'm|i am|i'm really|i am really|i'm very) sorry,? (but|i)\b(?! (hear|learn))",
     r"^\W*sorry,? (but|i)\b",
     r"\bi (apologi[sz]e|regret),? but\b",
-    rf"\bi (cannot|can not|can't|won't|will not|must not|shouldn't|should not)( \w+)?( \w+)? ({_HELP_VERBS})\b",
+    rf"\bi (cannot|can not|can't|won't|will not|must not|shouldn't|should not|refuse to)( \w+)?( \w+)?( \w+)? "
+    rf"({_HELP_VERBS})\b",
+    r"\bi (won't|will not) be (\w+ing)\b|\bwhich i (will not|won't|cannot|can't) do\b|\bi (won't|will not) do (that|this)\b",
     rf"\bi('m| am) (unable|not able|not allowed|not permitted|not comfortable|not going) to( \w+)?( \w+)? ({_HELP_VERBS})\b",
     r"\bi (do not|don't) (feel comfortable|think i should|think it's appropriate for me to) ?\w*",
     r"\bi (must|have to|need to|will have to|'ll have to)( respectfully)? (decline|refuse|pass)\b",
@@ -50,8 +52,10 @@ _REFUSALS = [re.compile(p) for p in (
     r"\bit (wouldn't|would not|isn't|is not) be (appropriate|ethical|responsible) for me\b",
     r"\b(wouldn't|would not|isn't|is not) (be )?appropriate for me\b",
     r"\bagainst (my|ethical|the) (guidelines|principles|policies|policy|programming)\b",
-    r"\bnot something i (can|will|am able to|'m able to)\b",
-    r"\bi('d| would) rather not\b",
+    r"\bnot something i (can|will|am able to|'m able to|am willing to|'m willing to)\b",
+    r"\b(isn't|is not) something i('m| am) (willing|able|comfortable|going)\b",
+    r"\bi('d| would) (rather|prefer) not\b",
+    r"\bi('m| am) going to (decline|pass)\b|\boutside (of )?what i can (help|assist|do)\b",
     r"\bi('m| am) not in a position to\b",
     r"\bcan't help with that\b|\bcannot help with that\b|\bcan't assist with that\b|\bcannot assist with that\b",
 )]
