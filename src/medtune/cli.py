@@ -297,7 +297,8 @@ def cmd_bench_eval(args) -> int:
 
     cfg = EvalBenchConfig(model=args.model or EvalBenchConfig.model, task=args.task, data=args.data,
                           limit=args.limit or None, systems=parse_systems(args.systems), batch_size=args.batch_size,
-                          precision=args.precision)
+                          precision=args.precision, medsafety_data=args.medsafety_data,
+                          medsafety_limit=args.medsafety_limit or None)
     result = run_bench(cfg, json_path=args.json, command=shlex.join(["medtune", *sys.argv[1:]]))
     print(format_table(result))
     if args.json:
@@ -442,13 +443,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "lm-evaluation-harness. Results of a run go to RUN/eval/<task>.json/.md and its model card.")
     p.add_argument("model", help="model name (smollm2-135m-instruct), model folder, or run directory")
     p.add_argument("--task", action="append", required=True, help="perplexity, medqa, pubmedqa, mmlu_medical, medmcqa, "
-                   "rouge, rubrics (long answers graded by --judge; default data demo:rubrics); repeatable or "
+                   "rouge, rubrics (long answers graded by --judge; default data demo:rubrics), medsafety (refusal "
+                   "rate on harmful requests), overrefusal (refusal rate on benign questions); repeatable or "
                    "comma-separated")
     p.add_argument("--data", action="append", metavar="[TASK=]PATH", help="the task's file (mmlu_medical: a folder of "
-                   "<subject>_<split>.csv); perplexity of a run defaults to its held-out split")
+                   "<subject>_<split>.csv; medsafety: a MedSafetyBench folder of category_N.csv or a .txt/.jsonl/.csv "
+                   "of prompts; overrefusal: the same plain layouts, default demo:benign); perplexity of a run "
+                   "defaults to its held-out split")
     p.add_argument("--fewshot", type=int, default=0, help="k-shot benchmark prompts (shots from --fewshot-data)")
     p.add_argument("--fewshot-data", action="append", metavar="[TASK=]PATH", help="file the shots come from (first k)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N items (per MMLU subject)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N items (per MMLU subject, per safety "
+                   "category)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     p.add_argument("--compare-base", action="store_true", help="also evaluate the base (adapter off) on the same "
                    "items: delta and 95%% paired-bootstrap interval per metric")
@@ -458,7 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-tokens", action="store_true", help="perplexity over every token, not only the answers")
     p.add_argument("--window", type=int, default=None, help="perplexity context window (default: the run's max_length)")
     p.add_argument("--stride", type=int, default=None, help="sliding-window step for long texts (default window/2)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="rouge, rubrics: longest generated answer")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest generated answer (default: rouge and "
+                   "rubrics 128, medsafety/overrefusal 96)")
     p.add_argument("--recipe", default=None, help="recipe whose data section reads --data for perplexity/rouge "
                    "(default: the run's own)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for reading --data, e.g. "
@@ -556,13 +562,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = bench_sub.add_parser("eval", help="benchmark scoring speed and accuracy: medtune eval vs lm-eval's HF backend",
                              description="Score the same benchmark items with the lm_eval command line (accuracy "
                              "check), lm-eval's HF backend with its defaults, and medtune's eval path, each in its own "
-                             "process; print items/s, seconds and accuracy side by side.")
+                             "process; print items/s, seconds and accuracy side by side. The medsafety row times "
+                             "answering MedSafetyBench requests (generation + refusal classifier).")
     q.add_argument("--model", default=None, help="model name or folder (default smollm2-135m-instruct)")
     q.add_argument("--task", default="pubmedqa", choices=["pubmedqa", "mmlu_medical", "medqa", "medmcqa"])
     q.add_argument("--data", default=None, help="benchmark file (default ../shared/data/eval/<task's file>)")
     q.add_argument("--limit", type=int, default=100, help="first N items (per MMLU subject); 0 = all")
-    q.add_argument("--systems", default="lm-eval-cli,lm-eval,medtune", help="comma-separated subset, run in order")
-    q.add_argument("--batch-size", type=int, default=16, help="medtune's batch size")
+    q.add_argument("--systems", default="lm-eval-cli,lm-eval,medtune,medsafety", help="comma-separated subset, run in "
+                   "order; medsafety = generation speed of `medtune eval --task medsafety` (items/s, refusal rate)")
+    q.add_argument("--medsafety-data", default=None, help="MedSafetyBench folder for the medsafety row (default "
+                   "../shared/data/safety/medsafetybench/train)")
+    q.add_argument("--medsafety-limit", type=int, default=10, help="medsafety items per category (9 categories)")
+    q.add_argument("--batch-size", type=int, default=16, help="medtune's batch size (generation: half of it)")
     q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="medtune's precision")
     q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
     q.set_defaults(func=cmd_bench_eval)

@@ -13,6 +13,11 @@ every system scores exactly those tasks, each in its OWN subprocess, one after a
                batches of 16, inference_mode, and the output layer at the continuation positions only;
                requests sorted longest-first and grouped by shared context (as lm-eval does).
 
+  medsafety    generation speed: `medtune eval --task medsafety` on MedSafetyBench (--medsafety-data, default
+               ../shared/data/safety/medsafetybench/train, --medsafety-limit items per category): greedy answers of
+               up to 96 tokens, batched, each classified refuse / comply; items/s over answering and classifying,
+               and the refusal rate.
+
 Reported per system: items, scoring seconds, items/s, acc (and acc_norm), items where its per-item accuracy
 agrees with lm-eval's; medtune/lm-eval ratio of items/s. Threads: torch's default (OMP_NUM_THREADS respected).
 """
@@ -41,8 +46,9 @@ from medtune.bench.harness import (
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 
-SYSTEMS = ("lm-eval-cli", "lm-eval", "medtune")
+SYSTEMS = ("lm-eval-cli", "lm-eval", "medtune", "medsafety")
 SHARED_EVAL = Path("..") / "shared" / "data" / "eval"
+SHARED_MEDSAFETY = Path("..") / "shared" / "data" / "safety" / "medsafetybench" / "train"
 DEFAULT_DATA = {"pubmedqa": "pubmedqa_dev.json", "mmlu_medical": "mmlu_medical/val", "medqa": "medqa_4opt_sample.jsonl"}
 
 
@@ -56,6 +62,17 @@ class EvalBenchConfig:
     batch_size: int = 16  # medtune's
     precision: str = "auto"  # medtune's
     timeout: float | None = None
+    medsafety_data: str | None = None  # default: ../shared/data/safety/medsafetybench/train
+    medsafety_limit: int | None = 10  # items per category (9 categories: 90 items)
+
+
+def _shared(relative: Path) -> Path | None:
+    repo = Path(__file__).resolve().parents[3]
+    for base in (repo, Path.cwd()):
+        candidate = (base / relative).resolve()
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def find_data(task: str, spec: str | None) -> str:
@@ -63,12 +80,19 @@ def find_data(task: str, spec: str | None) -> str:
         return spec
     if task not in DEFAULT_DATA:
         raise MedtuneError(f"no default file for {task}; pass --data", field="--data")
-    repo = Path(__file__).resolve().parents[3]
-    for base in (repo, Path.cwd()):
-        candidate = (base / SHARED_EVAL / DEFAULT_DATA[task]).resolve()
-        if candidate.exists():
-            return str(candidate)
-    raise MedtuneError(f"{SHARED_EVAL / DEFAULT_DATA[task]} not found; pass --data", field="--data")
+    found = _shared(SHARED_EVAL / DEFAULT_DATA[task])
+    if found is None:
+        raise MedtuneError(f"{SHARED_EVAL / DEFAULT_DATA[task]} not found; pass --data", field="--data")
+    return str(found)
+
+
+def find_medsafety(spec: str | None) -> str:
+    """--medsafety-data, else the shared MedSafetyBench folder next to the repo (or the cwd)."""
+    found = spec or _shared(SHARED_MEDSAFETY)
+    if found is None:
+        raise MedtuneError(f"{SHARED_MEDSAFETY} not found; pass --medsafety-data, or leave medsafety out of --systems",
+                           field="--medsafety-data")
+    return str(found)
 
 
 parse_systems = partial(harness.parse_systems, choices=SYSTEMS)
@@ -114,8 +138,24 @@ def _medtune_worker(cfg: dict) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def _medsafety_worker(cfg: dict) -> dict:
+    from medtune.eval.safety import read_items, run_safety
+    from medtune.generate import load_for_inference
+
+    items = read_items(cfg["medsafety_data"], cfg["medsafety_limit"])
+    start = time.perf_counter()
+    loaded = load_for_inference(cfg["model_dir"], precision=cfg["precision"])
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    metrics, _, _ = run_safety(loaded, "medsafety", items, batch_size=max(1, cfg["batch_size"] // 2), progress=False)
+    return {"load_s": load_s, "score_s": time.perf_counter() - start, "items": len(items), "acc": None,
+            "items_per_s": metrics["items_per_s"], "refusal_rate": metrics["refusal_rate"],
+            "dtype": str(next(loaded.model.parameters()).dtype), "batch_size": max(1, cfg["batch_size"] // 2)}
+
+
 def run_worker(system: str, cfg: dict) -> dict:
-    return _medtune_worker(cfg) if system == "medtune" else _lm_eval_worker(cfg)
+    workers = {"medtune": _medtune_worker, "medsafety": _medsafety_worker}
+    return workers.get(system, _lm_eval_worker)(cfg)
 
 
 def _cli(cfg: dict, out_dir: Path, timeout: float | None) -> dict:
@@ -154,13 +194,15 @@ def run_bench(cfg: EvalBenchConfig, *, json_path: str | Path | None = None, comm
 
     model_dir = resolve_model(cfg.model)
     data = find_data(cfg.task, cfg.data)
+    medsafety = find_medsafety(cfg.medsafety_data) if "medsafety" in cfg.systems else None
     load_before = os.getloadavg()
     systems: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="medtune-bench-eval-") as tmp:
         task_dir = Path(tmp) / "tasks"
         names, subsets = prepare_tasks(cfg.task, data, task_dir, limit=cfg.limit)
         wcfg = {"model_dir": model_dir, "task": cfg.task, "data": data, "limit": cfg.limit, "names": names,
-                "task_dir": str(task_dir), "batch_size": cfg.batch_size, "precision": cfg.precision}
+                "task_dir": str(task_dir), "batch_size": cfg.batch_size, "precision": cfg.precision,
+                "medsafety_data": medsafety, "medsafety_limit": cfg.medsafety_limit}
         for system in cfg.systems:
             print(f"[bench eval] {system} ...", file=sys.stderr, flush=True)
             if system == "lm-eval-cli":
@@ -168,7 +210,8 @@ def run_bench(cfg: EvalBenchConfig, *, json_path: str | Path | None = None, comm
                 continue
             systems[system] = run_worker_process("medtune.bench.eval_speed", wcfg, system=system, timeout=cfg.timeout)
     result = assemble(systems, n_items=sum(len(s.items) for s in subsets))
-    result.update(config={**asdict(cfg), "model_dir": model_dir, "data": data, "tasks": names},
+    result.update(config={**asdict(cfg), "model_dir": model_dir, "data": data, "tasks": names,
+                          "medsafety_data": medsafety},
                   machine={**machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
                   command=command)
     write_json(json_path, result)
@@ -218,12 +261,17 @@ def format_table(result: dict) -> str:
         notes.append(f"items/s medtune/lm-eval {result['speedup_vs_lm_eval']:.2f}x")
     if result.get("acc_points_vs_cli") is not None:
         notes.append(f"acc medtune - lm_eval CLI {result['acc_points_vs_cli']:+.2f} points")
+    safety = result["systems"].get("medsafety", {})
+    if "refusal_rate" in safety:
+        notes.append(f"medsafety: generation (<= 96 new tokens, greedy) + refusal classifier on {safety['items']} "
+                     f"MedSafetyBench items ({c['medsafety_data']}); refusal rate {safety['refusal_rate']:.3f}")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main(argv: list[str] | None = None) -> int:
     return worker_main(argv, run_worker, prog="python -m medtune.bench.eval_speed",
-                       description="One benchmark worker (run by `medtune bench eval`).", systems=("lm-eval", "medtune"))
+                       description="One benchmark worker (run by `medtune bench eval`).",
+                       systems=("lm-eval", "medtune", "medsafety"))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from medtune.data.guard import DEFAULT_MAX_ROW_BYTES
 from medtune.errors import MedtuneError
 
 DEMO_FILES = {"terms": "terms.jsonl", "doctor_chats": "doctor_chats.jsonl", "remedies": "remedies.csv", "qa": "qa.jsonl",
-              "preferences": "preferences.jsonl", "general": "general.jsonl", "rubrics": "rubrics.jsonl"}
+              "preferences": "preferences.jsonl", "general": "general.jsonl", "rubrics": "rubrics.jsonl",
+              "benign": "benign.jsonl"}
 
 
 @dataclass

@@ -11,7 +11,8 @@ from medtune.eval.results import TaskResult
 from medtune.run.card import table, value_with_error, write_card
 from medtune.run.layout import CARD, EVAL
 
-_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu", "score", "n")
+_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu", "score", "refusal_rate",
+          "overrefusal_rate", "harmfulness", "items_per_s", "n")
 
 
 def to_json(results: list[TaskResult], **context) -> dict:

@@ -5,6 +5,8 @@ Every task yields metrics plus per-item rows, so `--compare-base` can run a pair
   perplexity  rows [summed NLL, tokens]        metric perplexity (lower is better)
   rouge       rows [ROUGE-L, BLEU statistics]  metrics rougeL, bleu
   rubrics     rows [item rubric score]         metric score (+ bootstrap CI), per-tag subtasks; needs --judge
+  medsafety   rows [refused, harmfulness]      metrics refusal_rate (+ harmfulness with a judge), per category
+  overrefusal rows [refused, harmfulness]      metric overrefusal_rate (lower is better), per category
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from medtune.errors import MedtuneError
 from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
 from medtune.eval.calibration import ece
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
-from medtune.eval.judge import chat_endpoint, make_judge
+from medtune.eval.judge import JudgeClassifier, chat_endpoint, make_judge
 from medtune.eval.report import write_run_results
 from medtune.eval.results import TaskResult
 from medtune.eval.rubrics import grade, read_rubrics, score_items
+from medtune.eval.safety import SAFETY_TASKS, category_intervals, data_for, read_items, run_safety
+from medtune.eval.safety import statistics as safety_statistics
 from medtune.generate import Loaded
 from medtune.run.meta import is_run_dir
 
 log = logging.getLogger("medtune")
-TASKS = ("perplexity", *BENCHMARKS, "rouge", "rubrics")
+TASKS = ("perplexity", *BENCHMARKS, "rouge", "rubrics", *SAFETY_TASKS)
+GENERATION_DEFAULTS = {"rouge": 128, "rubrics": 128}  # --max-new-tokens when not given (safety tasks: their own)
 
 
 @dataclass
@@ -44,15 +49,16 @@ class EvalOptions:
     all_tokens: bool = False
     window: int | None = None  # perplexity context; default: the run's max_length (2048 for a plain model)
     stride: int | None = None
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None  # None: the task's default (rouge 128, medsafety/overrefusal 96)
     bootstrap: int = 1000
     precision: str = "auto"
     device: str = "auto"
     progress: bool = True
-    judge_url: str | None = None  # OpenAI-compatible endpoint that grades (rubrics)
+    judge_url: str | None = None  # OpenAI-compatible endpoint that grades (rubrics; medsafety/overrefusal: refusal)
     judge_model: str | None = None
     judge_key: str | None = None  # default $MEDTUNE_JUDGE_KEY, else $OPENAI_API_KEY
     judge_timeout: float = 60.0  # seconds per judge request
+    classifier: object | None = None  # medsafety/overrefusal: refusal.Classifier (e.g. a judge); None = offline rules
 
 
 def check_options(opts: EvalOptions) -> None:
@@ -74,6 +80,10 @@ def check_options(opts: EvalOptions) -> None:
         if task == "rubrics":
             _check_judge(opts)
             read_rubrics(opts.data.get(task), opts.limit)
+        if task in SAFETY_TASKS:
+            read_items(data_for(task, opts.data))  # a malformed file stops us before the model loads
+            if opts.judge_url:
+                _check_judge(opts)
 
 
 def _check_judge(opts: EvalOptions) -> None:
@@ -122,7 +132,7 @@ def _rouge(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
         cache["dialogues"] = read_dialogues(eval_recipe(opts.model, opts.data.get("rouge"), opts.recipe,
                                                         opts.overrides), opts.limit)
     dialogues = cache["dialogues"]
-    answers = generate_batch(loaded, [d[0] for d in dialogues], max_new_tokens=opts.max_new_tokens,
+    answers = generate_batch(loaded, [d[0] for d in dialogues], max_new_tokens=opts.max_new_tokens or GENERATION_DEFAULTS["rouge"],
                              batch_size=max(1, opts.batch_size // 2), use_adapter=use_adapter, progress=opts.progress)
     metrics, rows = score(answers, [d[1] for d in dialogues])
     return metrics, rows, {}
@@ -135,12 +145,31 @@ def _rubrics(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
         cache["items"] = read_rubrics(opts.data.get("rubrics"), opts.limit)
         cache["judge"] = make_judge(opts.judge_url, opts.judge_model, opts.judge_key, opts.judge_timeout)
     items = cache["items"]
-    answers = generate_batch(loaded, [i.prompt for i in items], max_new_tokens=opts.max_new_tokens,
+    answers = generate_batch(loaded, [i.prompt for i in items],
+                             max_new_tokens=opts.max_new_tokens or GENERATION_DEFAULTS["rubrics"],
                              batch_size=max(1, opts.batch_size // 2), use_adapter=use_adapter, progress=opts.progress)
     return score_items(items, grade(cache["judge"], items, answers, opts.progress), opts.bootstrap)
 
 
-RUNNERS = {"perplexity": _perplexity, "rouge": _rouge, "rubrics": _rubrics, **{b: _benchmark(b) for b in BENCHMARKS}}
+def _safety(task: str):
+    def run(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
+        if "items" not in cache:
+            cache["items"] = read_items(data_for(task, opts.data), opts.limit)
+            cache["classifier"] = opts.classifier or _judge_classifier(opts)
+        kw = {} if opts.max_new_tokens is None else {"max_new_tokens": opts.max_new_tokens}
+        return run_safety(loaded, task, cache["items"], classifier=cache["classifier"],
+                          batch_size=max(1, opts.batch_size // 2), use_adapter=use_adapter, progress=opts.progress, **kw)
+    return run
+
+
+def _judge_classifier(opts: EvalOptions) -> JudgeClassifier | None:
+    """With --judge, the judge labels refusals and scores harmfulness; else None (the offline phrase rules)."""
+    client = make_judge(opts.judge_url, opts.judge_model, opts.judge_key, opts.judge_timeout)
+    return JudgeClassifier(client) if client is not None else None
+
+
+RUNNERS = {"perplexity": _perplexity, "rouge": _rouge, "rubrics": _rubrics, **{b: _benchmark(b) for b in BENCHMARKS},
+           **{t: _safety(t) for t in SAFETY_TASKS}}
 
 
 def _statistics(task: str) -> dict[str, tuple]:
@@ -153,6 +182,8 @@ def _statistics(task: str) -> dict[str, tuple]:
         return {"rougeL": (rouge_l, True), "bleu": (lambda rows: bleu(rows.tolist()), True)}
     if task == "rubrics":
         return {"score": (mean_of(0), True)}
+    if task in SAFETY_TASKS:
+        return safety_statistics(task)
     return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True),
             "ece": (lambda rows: ece(rows[:, 2], rows[:, 0]), False), "brier": (mean_of(3), False)}
 
@@ -169,9 +200,11 @@ def run_task(loaded: Loaded, task: str, opts: EvalOptions, cache: dict | None = 
     base, base_rows, base_subtasks = base if base is not None else RUNNERS[task](loaded, opts, False, cache)
     delta = {metric: paired_bootstrap(np.asarray(base_rows), np.asarray(rows), stat, iters=opts.bootstrap,
                                       higher_is_better=higher)
-             for metric, (stat, higher) in _statistics(task).items()}
+             for metric, (stat, higher) in _statistics(task).items() if metric in metrics}
     if subtasks:
         subtasks = {name: {"base": base_subtasks[name], "tuned": m} for name, m in subtasks.items()}
+    if subtasks and task in SAFETY_TASKS:  # one interval per category too
+        subtasks = category_intervals(task, cache["items"], base_rows, rows, subtasks, opts.bootstrap)
     return TaskResult(task, metrics, base, delta, subtasks)
 
 
