@@ -288,7 +288,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _talk_args(p: argparse.ArgumentParser, single_prompt: bool = False) -> None:
-    p.add_argument("model", help="model name (smollm2-135m-instruct), model folder, hub id, or run directory")
+    p.add_argument("model", help="model name (smollm2-135m-instruct), model folder, hub id, run directory, or a .gguf "
+                   "file (run by llama.cpp: pip install 'medtune[gguf]')")
     if single_prompt:
         p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", default=None, help="system message")
@@ -356,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "converter (installed once into $MEDTUNE_HOME/tools), and write <out>.Modelfile for Ollama.")
     p.add_argument("model", help="run directory, merged model folder, or model name")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="export format")
-    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"], help="GGUF weight type")
+    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
+                   help="GGUF weight type; q4_k_m/q5_k_m/q6_k (what Ollama and llama.cpp users usually run) need "
+                   "llama.cpp's quantizer: pip install 'medtune[gguf]'")
     p.add_argument("--out", required=True, help="output .gguf file")
     p.set_defaults(func=cmd_export)
 
