@@ -95,11 +95,12 @@ def load_gguf(path: str | Path, n_ctx: int = 4096):
     if not path.is_file():
         raise MedtuneError("GGUF file not found", file=str(path))
     try:
-        llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+        probe = Llama(model_path=str(path), vocab_only=True, verbose=False)  # the trained context, cheaply
+        meta = probe.metadata
+        trained = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length", 0))
+        llm = Llama(model_path=str(path), n_ctx=min(n_ctx, trained) if trained > 0 else n_ctx, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise MedtuneError(f"llama.cpp cannot load it: {e}", file=str(path)) from None
-    if llm.n_ctx() > llm._model.n_ctx_train() > 0:
-        llm = Llama(model_path=str(path), n_ctx=llm._model.n_ctx_train(), verbose=False)
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
         raise MedtuneError("the GGUF carries no chat template (tokenizer.chat_template)", file=str(path))
