@@ -1,6 +1,6 @@
 """K-quants (q4_k_m, q5_k_m, q6_k) of a GGUF with llama.cpp's own quantizer, `llama_model_quantize` (what
 `llama-quantize` runs), from the llama-cpp-python package: the optional `medtune[gguf]` extra (no wheel on PyPI:
-pip builds llama.cpp from source with cmake, which took 50+ minutes on 2 busy cores; minutes on a free 8-core box).
+pip builds llama.cpp from source with cmake, which took 61 minutes on 2 busy cores; minutes on a free 8-core box).
 
 It runs in a child process (`python -m medtune.export.quantize IN OUT TYPE`): llama.cpp logs to the C stderr,
 and a crash in C must not take medtune down; the log's last line becomes the error message.
