@@ -108,31 +108,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from medtune.generate import generate
+    from medtune.chat import HELP, ChatSession, run_chat
 
     loaded = _load(args)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    print("medtune chat: not medical advice. /reset clears the conversation, /exit quits.", flush=True)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
-            return 0
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            history = history[:1] if args.system else []
-            print("(conversation cleared)")
-            continue
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        print("model> ", end="", flush=True)
-        answer = generate(loaded, history, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, on_text=lambda t: print(t, end="", flush=True), **_repetition(args))
-        print()
-        history.append({"role": "assistant", "content": answer})
+    session = ChatSession(loaded, system=args.system, max_new_tokens=args.max_new_tokens,
+                          generate_kw=dict(temperature=args.temperature, top_p=args.top_p, **_repetition(args)))
+    print(f"medtune chat: not medical advice. {HELP}", flush=True)
+    return run_chat(session)
 
 
 def cmd_compare(args) -> int:
@@ -321,7 +303,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _talk_args(p: argparse.ArgumentParser, single_prompt: bool = False) -> None:
-    p.add_argument("model", help="model name (smollm2-135m-instruct), model folder, hub id, or run directory")
+    p.add_argument("model", help="model name (smollm2-135m-instruct), model folder, hub id, run directory, or a .gguf "
+                   "file (run by llama.cpp: pip install 'medtune[gguf]')")
     if single_prompt:
         p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--system", default=None, help="system message")
@@ -363,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="multi-turn chat in the terminal (/reset, /exit)")
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal (/reset, /save, /exit; Ctrl-C stops an answer)",
+                       description="Multi-turn chat. The model sees as much of the conversation as its context "
+                       "(max_position_embeddings) holds less --max-new-tokens; older exchanges are then left out "
+                       "with a note (the system prompt stays). Ctrl-C stops an answer; Ctrl-C twice or Ctrl-D exits.")
     _talk_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -386,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "converter (installed once into $MEDTUNE_HOME/tools), and write <out>.Modelfile for Ollama.")
     p.add_argument("model", help="run directory, merged model folder, or model name")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="export format")
-    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0"], help="GGUF weight type")
+    p.add_argument("--quant", default="f16", choices=["f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"],
+                   help="GGUF weight type; q4_k_m/q5_k_m/q6_k (what Ollama and llama.cpp users usually run) need "
+                   "llama.cpp's quantizer: pip install 'medtune[gguf]'")
     p.add_argument("--out", required=True, help="output .gguf file")
     p.set_defaults(func=cmd_export)
 

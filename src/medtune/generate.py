@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from medtune.errors import MedtuneError
+from medtune.gguf_model import GgufModel, load_gguf
 from medtune.models import bf16_supported, load_base_model, load_tokenizer, pick_device, resolve_model
 from medtune.recipe import QuantConfig, TokenizerConfig
 from medtune.run.adapter import check_adapter
@@ -46,6 +47,8 @@ class Loaded:
 
 def load_for_inference(model_or_run: str, *, device: str = "auto", precision: str = "auto",
                        template: str = "auto", max_length: int = 2048) -> Loaded:
+    if str(model_or_run).endswith(".gguf"):  # llama.cpp runs it, with the GGUF's own chat template
+        return load_gguf(model_or_run)
     dev = pick_device(device)
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
     dtype = torch.bfloat16 if use_bf16 else torch.float32
@@ -112,7 +115,11 @@ def generate(loaded: Loaded, messages: list[dict[str, str]], *, max_new_tokens: 
              no_repeat_ngram_size: int = NO_REPEAT_NGRAM_SIZE) -> str:
     """One answer to a conversation; greedy when temperature is 0. Streams text pieces to `on_text`, or token ids
     to a transformers-style `streamer` (put/end; its first put is the prompt). `repetition_penalty` 1.0 and
-    `no_repeat_ngram_size` 0 turn repetition control off."""
+    `no_repeat_ngram_size` 0 turn repetition control off (a .gguf model: llama.cpp's repeat penalty, no n-gram
+    block)."""
+    if isinstance(loaded.model, GgufModel):
+        return loaded.model.answer(loaded.tok, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, repetition_penalty=repetition_penalty, on_text=on_text)
     ids = prompt_ids(loaded.tok, messages, loaded.max_length)
     device = next(loaded.model.parameters()).device
     kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=loaded.stop_token_ids, pad_token_id=loaded.pad_token_id,

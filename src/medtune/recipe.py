@@ -398,11 +398,27 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         tree.setdefault("name", path.stem)
         override_source = f"{source} (command line)"
     override_tree = parse_overrides(overrides, source=override_source) if overrides else {}
+    if path is not None:
+        _name_after_data(tree, override_tree)
     tree = _merge(tree, override_tree)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as e:
         raise _explain(e, source, override_tree, override_source) from None
+
+
+def _name_after_data(tree: dict, override_tree: dict) -> None:
+    """A recipe run on another data file (data.path=... on the command line, no name=) is named
+    <recipe name>-<data file stem>, so its folder says what was trained: runs/quickstart-notes, not quickstart-2."""
+    data, own = override_tree.get("data"), tree.get("data")
+    new_path = data.get("path") if isinstance(data, dict) else None
+    own_path = own.get("path") if isinstance(own, dict) else None
+    if not isinstance(new_path, str) or new_path == own_path or "name" in override_tree \
+            or not isinstance(tree.get("name"), str):
+        return
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(new_path.removeprefix("demo:")).stem).strip("-._")
+    if stem and stem != tree["name"]:
+        tree["name"] = f"{tree['name']}-{stem}"
 
 
 def recipe_help() -> str:

@@ -34,6 +34,10 @@ TEMPLATE """{{{{ if .System }}}}<|im_start|>system
 {{{{ end }}}}{{{{ end }}}}<|im_start|>assistant
 """
 SYSTEM """Answer briefly."""
+# Sampling as medtune generate/chat by default (greedy; medtune also blocks repeated 4-grams, which Ollama cannot)
+PARAMETER temperature 0
+PARAMETER repeat_penalty 1.2
+PARAMETER num_predict 256
 PARAMETER stop "<|im_end|>"
 PARAMETER stop "</s>"
 '''
@@ -49,6 +53,10 @@ TEMPLATE """{{{{ $first := true }}}}{{{{ range .Messages }}}}{{{{ if eq .Role "u
 
 {{{{ end }}}}{{{{ .Content }}}} [/INST]{{{{ $first = false }}}}{{{{ else if eq .Role "assistant" }}}} {{{{ .Content }}}} </s>\
 {{{{ end }}}}{{{{ end }}}}"""
+# Sampling as medtune generate/chat by default (greedy; medtune also blocks repeated 4-grams, which Ollama cannot)
+PARAMETER temperature 0
+PARAMETER repeat_penalty 1.2
+PARAMETER num_predict 256
 PARAMETER stop "</s>"
 '''
 

@@ -194,9 +194,12 @@ def run_task(loaded: Loaded, task: str, opts: EvalOptions, cache: dict | None = 
     already hold the task's items (perplexity: "samples"); `base` is the base's (metrics, rows, subtasks) on those
     items, measured earlier, and replaces the base pass."""
     cache = {} if cache is None else cache
+    log.info("eval %s (%s)...", task, "tuned" if loaded.has_adapter else "model")
     metrics, rows, subtasks = RUNNERS[task](loaded, opts, True, cache)
     if not opts.compare_base:
         return TaskResult(task, metrics, subtasks=subtasks)
+    if base is None:
+        log.info("eval %s (base)...", task)
     base, base_rows, base_subtasks = base if base is not None else RUNNERS[task](loaded, opts, False, cache)
     delta = {metric: paired_bootstrap(np.asarray(base_rows), np.asarray(rows), stat, iters=opts.bootstrap,
                                       higher_is_better=higher)

