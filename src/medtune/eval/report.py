@@ -11,7 +11,8 @@ from medtune.eval.results import TaskResult
 from medtune.run.card import table, value_with_error, write_card
 from medtune.run.layout import CARD, EVAL
 
-_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu", "n")
+_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu",
+          "agree_rate", "abstain_rate", "answered_acc", "aurc", "acc_at_50", "acc_at_80", "benchmark_acc", "n")
 
 
 def to_json(results: list[TaskResult], **context) -> dict:

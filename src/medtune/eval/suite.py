@@ -4,6 +4,7 @@ Every task yields metrics plus per-item rows, so `--compare-base` can run a pair
   benchmarks  rows [acc, acc_norm, confidence, Brier]  metrics acc, acc_norm (+ stderr), ece, brier
   perplexity  rows [summed NLL, tokens]        metric perplexity (lower is better)
   rouge       rows [ROUGE-L, BLEU statistics]  metrics rougeL, bleu
+  probes      <benchmark>_{nota,falseconf,abstain}: rows and metrics in eval/probes.py
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from medtune.errors import MedtuneError
 from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
 from medtune.eval.calibration import ece
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
+from medtune.eval.probes import NOT_OFFERED, PROBE_TASKS, probe_data, read_probe
+from medtune.eval.probes import statistics as probe_statistics
 from medtune.eval.report import write_run_results
 from medtune.eval.results import TaskResult
 from medtune.generate import Loaded
 from medtune.run.meta import is_run_dir
 
 log = logging.getLogger("medtune")
-TASKS = ("perplexity", *BENCHMARKS, "rouge")
+TASKS = ("perplexity", *BENCHMARKS, "rouge", *PROBE_TASKS)
 
 
 @dataclass
@@ -49,6 +52,9 @@ class EvalOptions:
 
 
 def check_options(opts: EvalOptions) -> None:
+    for task in opts.tasks:
+        if task in NOT_OFFERED:
+            raise MedtuneError(NOT_OFFERED[task], field="--task")
     unknown = [t for t in opts.tasks if t not in TASKS]
     if unknown or not opts.tasks:
         raise MedtuneError(f"unknown task {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}",
@@ -60,6 +66,10 @@ def check_options(opts: EvalOptions) -> None:
             if task not in opts.data:
                 raise MedtuneError(f"{task} needs its file: --data {task}=PATH", field="--data")
             read_benchmark(task, opts.data[task])  # a malformed file stops us before the model loads
+        if task in PROBE_TASKS:
+            if opts.fewshot:
+                raise MedtuneError(f"honesty probes are zero-shot: run {task} without --fewshot", field="--fewshot")
+            read_probe(task, probe_data(task, opts.data), opts.limit)  # the benchmark's file unless TASK=PATH
         if task == "rouge" and task not in opts.data and not is_run_dir(opts.model) and not opts.recipe:
             raise MedtuneError("rouge needs --data FILE (and data.format=... for its layout)", field="--data")
         if task == "perplexity" and task not in opts.data and not is_run_dir(opts.model):
@@ -78,6 +88,19 @@ def _benchmark(task: str):
                           limit=opts.limit, use_adapter=use_adapter, lm=cache["lm"])
         rows = [[i["acc"], i["acc_norm"], i["confidence"], i["brier"]] for i in r.items]
         return r.metrics, rows, r.subtasks
+    return run
+
+
+def _probe(task: str):
+    def run(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
+        from medtune.eval.harness import make_lm
+        from medtune.eval.probes import run_probe
+
+        if "lm" not in cache:
+            cache["lm"] = make_lm(loaded, opts.batch_size)
+        r = run_probe(loaded, task, probe_data(task, opts.data), limit=opts.limit, use_adapter=use_adapter,
+                      lm=cache["lm"])
+        return r.metrics, r.rows, r.subtasks
     return run
 
 
@@ -109,7 +132,8 @@ def _rouge(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
     return metrics, rows, {}
 
 
-RUNNERS = {"perplexity": _perplexity, "rouge": _rouge, **{b: _benchmark(b) for b in BENCHMARKS}}
+RUNNERS = {"perplexity": _perplexity, "rouge": _rouge, **{b: _benchmark(b) for b in BENCHMARKS},
+           **{p: _probe(p) for p in PROBE_TASKS}}
 
 
 def _statistics(task: str) -> dict[str, tuple]:
@@ -120,6 +144,8 @@ def _statistics(task: str) -> dict[str, tuple]:
         from medtune.eval.rouge import bleu, rouge_l
 
         return {"rougeL": (rouge_l, True), "bleu": (lambda rows: bleu(rows.tolist()), True)}
+    if task in PROBE_TASKS:
+        return probe_statistics(task)
     return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True),
             "ece": (lambda rows: ece(rows[:, 2], rows[:, 0]), False), "brier": (mean_of(3), False)}
 
