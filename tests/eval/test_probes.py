@@ -12,6 +12,7 @@ import pytest
 from medtune.cli import main
 from medtune.errors import MedtuneError
 from medtune.eval import probes
+from medtune.eval.benchmarks import Item
 from medtune.eval.harness import make_lm, run_benchmark
 from medtune.eval.suite import EvalOptions, check_options, parse_paths
 from medtune.generate import load_for_inference
@@ -102,6 +103,13 @@ def test_pubmedqa_probes_exact(files):
     assert "pubmedqa_nota" not in probes.PROBE_TASKS
     with pytest.raises(MedtuneError, match="no option text"):
         probes.read_probe("pubmedqa_nota", files["pubmedqa"])
+
+
+def test_an_item_whose_options_cannot_be_found_is_refused():
+    with pytest.raises(MedtuneError, match="item f:1: option D not found"):
+        probes.nota_item(Item("Question: Q?\nA. x\nAnswer:", list("ABCD"), 0, "f:1"))
+    with pytest.raises(MedtuneError, match="needs lettered options"):
+        probes.nota_item(Item("Abstract: a\nAnswer:", ["yes", "no", "maybe"], 0, "f:2"))
 
 
 def test_selective_prediction_by_hand():

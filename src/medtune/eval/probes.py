@@ -85,7 +85,7 @@ def _lettered(item: Item) -> bool:
 def _before_answer(item: Item, text: str) -> str:
     """item.query with a line `text` inserted just before its final "Answer:"."""
     if not item.query.endswith(ANSWER):
-        raise MedtuneError(f"the prompt does not end in '{ANSWER}'", row=item.id)
+        raise MedtuneError(f"item {item.id}: the prompt does not end in '{ANSWER}'")
     return item.query[: -len(ANSWER)] + text + "\n" + ANSWER
 
 
@@ -93,13 +93,13 @@ def option_spans(item: Item) -> list[tuple[int, int]]:
     """(start, end) of each option's text in a lettered prompt ("...\\nA. text\\n...\\nD. text\\nAnswer:")."""
     end = len(item.query) - len("\n" + ANSWER)
     if not item.query.endswith("\n" + ANSWER):
-        raise MedtuneError(f"the prompt does not end in '\\n{ANSWER}'", row=item.id)
+        raise MedtuneError(f"item {item.id}: the prompt does not end in a line '{ANSWER}'")
     spans = []
     for letter in reversed(item.choices):
         marker = f"\n{letter}. "
         start = item.query.rfind(marker, 0, end)
         if start < 0:
-            raise MedtuneError(f"option {letter} not found in the prompt", row=item.id)
+            raise MedtuneError(f"item {item.id}: option {letter} not found in the prompt")
         spans.append((start + len(marker), end))
         end = start
     return spans[::-1]
@@ -114,7 +114,7 @@ def suggested(item: Item, seed: int = 0) -> int:
 
 def nota_item(item: Item) -> Item:
     if not _lettered(item):
-        raise MedtuneError("none-of-the-above needs lettered options", row=item.id)
+        raise MedtuneError(f"item {item.id}: none-of-the-above needs lettered options")
     start, end = option_spans(item)[item.gold]
     return Item(item.query[:start] + NOTA + item.query[end:], list(item.choices), item.gold, item.id)
 
@@ -149,7 +149,7 @@ def read_probe(task: str, path: str | Path, limit: int | None = None) -> tuple[l
     try:
         return subsets, build(probe, subsets)
     except MedtuneError as e:
-        raise MedtuneError(f"{task}: {e}", file=str(path)) from None
+        raise MedtuneError(f"{task}: {e.reason}", file=str(path)) from None
 
 
 # --- selective prediction ----------------------------------------------------------------------------------------
