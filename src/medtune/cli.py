@@ -432,12 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model name (smollm2-135m-instruct), model folder, or run directory")
     p.add_argument("--task", action="append", required=True, help="perplexity, medqa, pubmedqa, mmlu_medical, medmcqa, "
                    "rouge, rubrics (long answers graded by --judge; default data demo:rubrics), medsafety (refusal "
-                   "rate on harmful requests), overrefusal (refusal rate on benign questions); repeatable or "
-                   "comma-separated")
+                   "rate on harmful requests), overrefusal (refusal rate on benign questions); honesty probes "
+                   "<benchmark>_nota (correct option's text replaced by 'None of the above'; not for pubmedqa, which "
+                   "has no option texts), <benchmark>_falseconf (a wrong answer suggested: acc, agree_rate), "
+                   "<benchmark>_abstain (an 'I do not know' option: abstain_rate, answered_acc; aurc, acc_at_50/80 "
+                   "from the original items' confidence), zero-shot; repeatable or comma-separated")
     p.add_argument("--data", action="append", metavar="[TASK=]PATH", help="the task's file (mmlu_medical: a folder of "
                    "<subject>_<split>.csv; medsafety: a MedSafetyBench folder of category_N.csv or a .txt/.jsonl/.csv "
-                   "of prompts; overrefusal: the same plain layouts, default demo:benign); perplexity of a run "
-                   "defaults to its held-out split")
+                   "of prompts; overrefusal: the same plain layouts, default demo:benign); a probe reads its "
+                   "benchmark's (--data medqa=PATH serves medqa_nota too); perplexity of a run defaults to its "
+                   "held-out split")
     p.add_argument("--fewshot", type=int, default=0, help="k-shot benchmark prompts (shots from --fewshot-data)")
     p.add_argument("--fewshot-data", action="append", metavar="[TASK=]PATH", help="file the shots come from (first k)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items (per MMLU subject, per safety "

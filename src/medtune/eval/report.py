@@ -12,7 +12,8 @@ from medtune.run.card import table, value_with_error, write_card
 from medtune.run.layout import CARD, EVAL
 
 _SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu", "score", "refusal_rate",
-          "overrefusal_rate", "harmfulness", "items_per_s", "n")
+          "overrefusal_rate", "harmfulness", "agree_rate", "abstain_rate", "answered_acc", "aurc", "acc_at_50",
+          "acc_at_80", "benchmark_acc", "items_per_s", "n")
 
 
 def to_json(results: list[TaskResult], **context) -> dict:

@@ -7,6 +7,7 @@ Every task yields metrics plus per-item rows, so `--compare-base` can run a pair
   rubrics     rows [item rubric score]         metric score (+ bootstrap CI), per-tag subtasks; needs --judge
   medsafety   rows [refused, harmfulness]      metrics refusal_rate (+ harmfulness with a judge), per category
   overrefusal rows [refused, harmfulness]      metric overrefusal_rate (lower is better), per category
+  probes      <benchmark>_{nota,falseconf,abstain}: rows and metrics in eval/probes.py
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
 from medtune.eval.calibration import ece
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
 from medtune.eval.judge import JudgeClassifier, chat_endpoint, make_judge
+from medtune.eval.probes import NOT_OFFERED, PROBE_TASKS, probe_data, read_probe, run_probe
+from medtune.eval.probes import statistics as probe_statistics
 from medtune.eval.report import write_run_results
 from medtune.eval.results import TaskResult
 from medtune.eval.rubrics import grade, read_rubrics, score_items
@@ -30,7 +33,7 @@ from medtune.generate import Loaded
 from medtune.run.meta import is_run_dir
 
 log = logging.getLogger("medtune")
-TASKS = ("perplexity", *BENCHMARKS, "rouge", "rubrics", *SAFETY_TASKS)
+TASKS = ("perplexity", *BENCHMARKS, "rouge", "rubrics", *SAFETY_TASKS, *PROBE_TASKS)
 GENERATION_DEFAULTS = {"rouge": 128, "rubrics": 128}  # --max-new-tokens when not given (safety tasks: their own)
 
 
@@ -62,6 +65,9 @@ class EvalOptions:
 
 
 def check_options(opts: EvalOptions) -> None:
+    for task in opts.tasks:
+        if task in NOT_OFFERED:
+            raise MedtuneError(NOT_OFFERED[task], field="--task")
     unknown = [t for t in opts.tasks if t not in TASKS]
     if unknown or not opts.tasks:
         raise MedtuneError(f"unknown task {', '.join(unknown) or '(none)'}; choose from {', '.join(TASKS)}",
@@ -73,6 +79,10 @@ def check_options(opts: EvalOptions) -> None:
             if task not in opts.data:
                 raise MedtuneError(f"{task} needs its file: --data {task}=PATH", field="--data")
             read_benchmark(task, opts.data[task])  # a malformed file stops us before the model loads
+        if task in PROBE_TASKS:
+            if opts.fewshot:
+                raise MedtuneError(f"honesty probes are zero-shot: run {task} without --fewshot", field="--fewshot")
+            read_probe(task, probe_data(task, opts.data), opts.limit)  # the benchmark's file unless TASK=PATH
         if task == "rouge" and task not in opts.data and not is_run_dir(opts.model) and not opts.recipe:
             raise MedtuneError("rouge needs --data FILE (and data.format=... for its layout)", field="--data")
         if task == "perplexity" and task not in opts.data and not is_run_dir(opts.model):
@@ -107,6 +117,18 @@ def _benchmark(task: str):
                           limit=opts.limit, use_adapter=use_adapter, lm=cache["lm"])
         rows = [[i["acc"], i["acc_norm"], i["confidence"], i["brier"]] for i in r.items]
         return r.metrics, rows, r.subtasks
+    return run
+
+
+def _probe(task: str):
+    def run(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
+        from medtune.eval.harness import make_lm
+
+        if "lm" not in cache:
+            cache["lm"] = make_lm(loaded, opts.batch_size)
+        r = run_probe(loaded, task, probe_data(task, opts.data), limit=opts.limit, use_adapter=use_adapter,
+                      lm=cache["lm"])
+        return r.metrics, r.rows, r.subtasks
     return run
 
 
@@ -169,7 +191,7 @@ def _judge_classifier(opts: EvalOptions) -> JudgeClassifier | None:
 
 
 RUNNERS = {"perplexity": _perplexity, "rouge": _rouge, "rubrics": _rubrics, **{b: _benchmark(b) for b in BENCHMARKS},
-           **{t: _safety(t) for t in SAFETY_TASKS}}
+           **{t: _safety(t) for t in SAFETY_TASKS}, **{p: _probe(p) for p in PROBE_TASKS}}
 
 
 def _statistics(task: str) -> dict[str, tuple]:
@@ -184,6 +206,8 @@ def _statistics(task: str) -> dict[str, tuple]:
         return {"score": (mean_of(0), True)}
     if task in SAFETY_TASKS:
         return safety_statistics(task)
+    if task in PROBE_TASKS:
+        return probe_statistics(task)
     return {"acc": (mean_of(0), True), "acc_norm": (mean_of(1), True),
             "ece": (lambda rows: ece(rows[:, 2], rows[:, 0]), False), "brier": (mean_of(3), False)}
 

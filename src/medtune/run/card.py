@@ -35,8 +35,9 @@ _PLOT_ORDER = ("loss", "perplexity", "learning_rate", "grad_norm")  # loss first
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # (pattern in the lower-cased hub id, Hub licence id), first match wins
 _LICENSES = [("smollm", "apache-2.0"), ("llama-3.2", "llama3.2"), ("llama-3", "llama3"), ("llama-2", "llama2")]
-_EVAL_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu", "refusal_rate",
-               "overrefusal_rate", "harmfulness")
+_EVAL_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu", "score",
+               "refusal_rate", "overrefusal_rate", "harmfulness", "agree_rate", "abstain_rate", "answered_acc", "aurc",
+               "acc_at_50", "acc_at_80")
 _HELD_OUT = [("eval_loss", "loss (nats per token)"), ("eval_ppl", "perplexity")]
 _TRAINING = [("steps", "optimizer steps"), ("train_loss", "final train loss"), ("tokens_per_s", "tokens per second"),
              ("train_seconds", "training seconds"), ("skipped_batches", "skipped batches")]
