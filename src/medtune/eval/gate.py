@@ -32,7 +32,7 @@ from medtune.eval.forest import forest_plot
 from medtune.eval.probes import PROBE_TASKS
 from medtune.eval.report import write_json
 from medtune.eval.results import TaskResult
-from medtune.eval.suite import TASKS, EvalOptions, _statistics, run_eval
+from medtune.eval.suite import TASKS, EvalOptions, _statistics, check_task_data, run_eval
 from medtune.generate import Loaded
 from medtune.recipe import GateConfig, Recipe, load_recipe
 from medtune.run.card import number, table, write_card
@@ -131,6 +131,10 @@ def check_gate(cfg: GateConfig, *, held_out: bool = True, field: str = "gate") -
     if bad:
         raise MedtuneError(f"unknown option {bad[0]}; choose from {', '.join(sorted(names))}",
                            field=f"{field}.options")
+    for task in tasks:  # probes, safety tasks, rubrics: their files and judge, as `medtune eval` checks them
+        if task not in BENCHMARKS:
+            check_task_data(task, EvalOptions(model="", tasks=tasks, data=dict(cfg.data), limit=cfg.limit,
+                                              **cfg.options))
     if not gate_axes(cfg, tasks):
         raise MedtuneError("the suite has no axis to judge; name them in gate.axes", field=f"{field}.axes")
 

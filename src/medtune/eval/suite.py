@@ -75,25 +75,30 @@ def check_options(opts: EvalOptions) -> None:
     if opts.compare_base and not is_run_dir(opts.model):
         raise MedtuneError("--compare-base needs a run directory (base model + adapter)", file=opts.model)
     for task in opts.tasks:
-        if task in BENCHMARKS:
-            if task not in opts.data:
-                raise MedtuneError(f"{task} needs its file: --data {task}=PATH", field="--data")
-            read_benchmark(task, opts.data[task])  # a malformed file stops us before the model loads
-        if task in PROBE_TASKS:
-            if opts.fewshot:
-                raise MedtuneError(f"honesty probes are zero-shot: run {task} without --fewshot", field="--fewshot")
-            read_probe(task, probe_data(task, opts.data), opts.limit)  # the benchmark's file unless TASK=PATH
         if task == "rouge" and task not in opts.data and not is_run_dir(opts.model) and not opts.recipe:
             raise MedtuneError("rouge needs --data FILE (and data.format=... for its layout)", field="--data")
         if task == "perplexity" and task not in opts.data and not is_run_dir(opts.model):
             raise MedtuneError("perplexity of a plain model needs --data FILE", field="--data")
-        if task == "rubrics":
+        check_task_data(task, opts)
+
+
+def check_task_data(task: str, opts: EvalOptions) -> None:
+    """Read and check the task's own file (and its judge), so a malformed one stops us before the model loads."""
+    if task in BENCHMARKS:
+        if task not in opts.data:
+            raise MedtuneError(f"{task} needs its file: --data {task}=PATH", field="--data")
+        read_benchmark(task, opts.data[task])
+    if task in PROBE_TASKS:
+        if opts.fewshot:
+            raise MedtuneError(f"honesty probes are zero-shot: run {task} without --fewshot", field="--fewshot")
+        read_probe(task, probe_data(task, opts.data), opts.limit)  # the benchmark's file unless TASK=PATH
+    if task == "rubrics":
+        _check_judge(opts)
+        read_rubrics(opts.data.get(task), opts.limit)
+    if task in SAFETY_TASKS:
+        read_items(data_for(task, opts.data))
+        if opts.judge_url:
             _check_judge(opts)
-            read_rubrics(opts.data.get(task), opts.limit)
-        if task in SAFETY_TASKS:
-            read_items(data_for(task, opts.data))  # a malformed file stops us before the model loads
-            if opts.judge_url:
-                _check_judge(opts)
 
 
 def _check_judge(opts: EvalOptions) -> None:
