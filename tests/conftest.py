@@ -270,3 +270,36 @@ def smollm2_dir() -> Path:
     if not (path / "config.json").is_file():
         pytest.skip("the default model is not cached")
     return path
+
+
+@pytest.fixture(scope="session")
+def q4_gguf(tmp_path_factory, smollm2_dir) -> Path:
+    """q4_k_m of a small random LLaMA with SmolLM2's tokenizer (a vocabulary llama.cpp's converter knows), made by
+    `medtune export`'s own code; hidden size 256 so its matrices take real q4_K/q6_K blocks (llama.cpp falls back
+    to 32-blocks for rows not a multiple of 256). Skips without llama-cpp-python or the converter; ~45 s (under
+    load) when the converter's virtualenv is already built in the user's MEDTUNE_HOME."""
+    pytest.importorskip("llama_cpp")
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from medtune.errors import MedtuneError
+    from medtune.export.gguf import converter_env, export_gguf
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    base = tmp_path_factory.mktemp("q4-llama")
+    LlamaForCausalLM(config).save_pretrained(base)
+    tok.save_pretrained(base)
+    old = os.environ["MEDTUNE_HOME"]
+    os.environ["MEDTUNE_HOME"] = USER_MEDTUNE_HOME  # the converter's virtualenv, built once
+    try:
+        try:
+            converter_env()
+        except MedtuneError as e:  # not built and not installable here (offline)
+            pytest.skip(f"llama.cpp's converter is missing: {e}")
+        return export_gguf(str(base), base / "tiny-q4_k_m.gguf", quant="q4_k_m").gguf
+    finally:
+        os.environ["MEDTUNE_HOME"] = old

@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ui", help="a web page with base and tuned answers side by side (Gradio)")
-    p.add_argument("model", help="run directory (base vs tuned), or a model name/folder (one answer)")
+    p.add_argument("model", help="run directory (base vs tuned), or a model name/folder or .gguf file (one answer)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to share on your network)")
     p.add_argument("--port", type=int, default=7860, help="port to listen on")
     p.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
@@ -406,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "base or an adapter. Requests wait in a bounded queue (429 when full) and are answered "
                        "in batches of up to --max-batch. Not medical advice.")
     p.add_argument("model", help="model name, model folder or run directory (a run's adapter is served under the "
-                   "run folder's name, its base under the base's name)")
+                   "run folder's name, its base under the base's name), or a .gguf file (run by llama.cpp, one "
+                   "request at a time, no --adapter: pip install 'medtune[gguf]')")
     p.add_argument("--adapter", action="append", metavar="NAME=RUN", help="also serve the adapter of run directory "
                    "RUN as model NAME (repeatable; every run must be trained on the same base)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")

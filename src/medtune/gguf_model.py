@@ -4,13 +4,15 @@ export is checked with llama.cpp itself before it goes to Ollama.
 
 `load_gguf` returns a medtune.generate.Loaded whose `model` is a GgufModel and whose `tok` renders and counts
 prompts with the GGUF's own template (enough for medtune.chat's context window); medtune.generate.generate hands
-a GgufModel's conversations to `GgufModel.answer`.
+a GgufModel's conversations to `GgufModel.answer`, and `medtune serve` (medtune.serve.gguf_engine) drives
+`GgufModel.tokens` itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from medtune.errors import MedtuneError
@@ -35,7 +37,18 @@ class GgufTokenizer:
         self.formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        return self.formatter(messages=messages).prompt
+        """The prompt text; a template's raise_exception() is a jinja2 TemplateError, as with transformers."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.formatter(messages=messages).prompt
+        except ValueError as e:  # llama-cpp-python's raise_exception
+            raise TemplateError(str(e)) from None
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        """Plain text to ids as a transformers tokenizer's call does: the vocabulary's BOS if it wants one,
+        special-token text parsed as special tokens."""
+        return {"input_ids": self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)}
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = True,
                             return_dict: bool = False, **_):
@@ -56,22 +69,37 @@ class GgufModel:
         self.llm = llm
         self.config = GgufConfig(int(llm._model.n_ctx_train()))
 
+    @cached_property
+    def eog_ids(self) -> frozenset[int]:
+        """The vocabulary's end-of-generation tokens, as llama.cpp lists them (eos, eot, <|im_end|>...)."""
+        import llama_cpp
+
+        vocab = self.llm._model.vocab
+        return frozenset(t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t))
+
+    def tokens(self, ids: list[int], *, temperature: float, top_p: float, repetition_penalty: float = 1.0,
+               seed: int | None = None) -> Iterator[int]:
+        """Endless next tokens after the prompt `ids` (the caller stops: at an eog_ids token, at its budget);
+        greedy when temperature is 0, else seeded (`seed`) or random."""
+        import llama_cpp
+
+        self.llm.set_seed(llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed)  # DEFAULT: a random seed
+        sampling = dict(temp=temperature, top_p=top_p if temperature > 0 else 1.0, top_k=0 if temperature > 0 else 1,
+                        min_p=0.0, repeat_penalty=repetition_penalty)
+        yield from self.llm.generate(ids, reset=True, **sampling)
+
     def answer(self, tok: GgufTokenizer, messages: list[dict[str, str]], *, max_new_tokens: int,
                temperature: float, top_p: float, repetition_penalty: float,
                on_text: Callable[[str], None] | None) -> str:
         """Greedy when temperature is 0; stops at an end-of-generation token of the GGUF's vocabulary."""
-        import llama_cpp
-
         ids = tok.apply_chat_template(messages)
         if len(ids) + max_new_tokens > self.llm.n_ctx():
             raise MedtuneError(f"prompt is {len(ids)} tokens; with {max_new_tokens} new ones it passes the "
                                f"context of {self.llm.n_ctx()}", field="prompt")
         out: list[int] = []
         sent = ""
-        sampling = dict(temp=temperature, top_p=top_p if temperature > 0 else 1.0, top_k=0 if temperature > 0 else 1,
-                        min_p=0.0, repeat_penalty=repetition_penalty)
-        for token in self.llm.generate(ids, reset=True, **sampling):
-            if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token) or len(out) >= max_new_tokens:
+        for token in self.tokens(ids, temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty):
+            if token in self.eog_ids or len(out) >= max_new_tokens:
                 break
             out.append(token)
             text = tok.decode(out)
@@ -106,5 +134,5 @@ def load_gguf(path: str | Path, n_ctx: int = 4096):
         raise MedtuneError("the GGUF carries no chat template (tokenizer.chat_template)", file=str(path))
     model = GgufModel(llm)
     model.config = GgufConfig(llm.n_ctx())  # what this process can attend to
-    return Loaded(model, GgufTokenizer(llm, template), [llm.token_eos()], llm.token_eos(), str(path), False,
+    return Loaded(model, GgufTokenizer(llm, template), sorted(model.eog_ids), llm.token_eos(), str(path), False,
                   llm.n_ctx(), None)

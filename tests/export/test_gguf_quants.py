@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import USER_MEDTUNE_HOME
 from test_gguf import fake_converter  # noqa: F401  (a stand-in converter: writes "gguf\n" where --outfile says)
 
 from medtune.cli import main
@@ -75,38 +74,7 @@ def test_modelfile_carries_the_runs_sampling_defaults(tmp_path, tiny_tokenizer):
     assert "PARAMETER temperature 0\nPARAMETER repeat_penalty 1.3\nPARAMETER num_predict 128\nPARAMETER stop" in text
 
 
-# ---- real llama.cpp (needs llama-cpp-python, the converter's virtualenv, SmolLM2's tokenizer) ---------------------
-
-def _smollm2_dir() -> Path | None:
-    path = Path(USER_MEDTUNE_HOME) / "models" / "smollm2-135m-instruct"
-    return path if (path / "config.json").is_file() else None
-
-
-@pytest.fixture(scope="module")
-def q4_gguf(tmp_path_factory) -> Path:
-    """q4_k_m of a small random LLaMA with SmolLM2's tokenizer; hidden size 256 so its matrices take real
-    q4_K/q6_K blocks (llama.cpp falls back to 32-blocks for rows not a multiple of 256)."""
-    pytest.importorskip("llama_cpp")
-    if _smollm2_dir() is None:
-        pytest.skip("needs the smollm2-135m-instruct cache (a tokenizer llama.cpp's converter knows)")
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(_smollm2_dir())
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    base = tmp_path_factory.mktemp("q4-llama")
-    LlamaForCausalLM(config).save_pretrained(base)
-    tok.save_pretrained(base)
-    old = os.environ["MEDTUNE_HOME"]
-    os.environ["MEDTUNE_HOME"] = USER_MEDTUNE_HOME  # the converter's virtualenv, built once
-    try:
-        return export_gguf(str(base), base / "tiny-q4_k_m.gguf", quant="q4_k_m").gguf
-    finally:
-        os.environ["MEDTUNE_HOME"] = old
-
+# ---- real llama.cpp: conftest's q4_gguf (needs llama-cpp-python, the converter, SmolLM2's tokenizer) -----------
 
 @pytest.mark.slow
 def test_q4_k_m_gguf_is_quantised_and_answers_in_medtune_generate(q4_gguf):
@@ -125,13 +93,13 @@ def test_q4_k_m_gguf_is_quantised_and_answers_in_medtune_generate(q4_gguf):
 
 
 @pytest.mark.slow
-def test_gguf_renders_the_chat_template_like_transformers(q4_gguf):
+def test_gguf_renders_the_chat_template_like_transformers(q4_gguf, smollm2_dir):
     from transformers import AutoTokenizer
 
     from medtune.generate import generate, load_for_inference
 
     loaded = load_for_inference(str(q4_gguf))
-    hf = AutoTokenizer.from_pretrained(_smollm2_dir())
+    hf = AutoTokenizer.from_pretrained(smollm2_dir)
     messages = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is gout?"}]
     assert loaded.tok.apply_chat_template(messages, tokenize=False) == \
         hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -208,7 +208,7 @@ class Engine:
         self.model, self.autocast = model, autocast
         self.routes = {r.name: r for r in routes}
         self.max_tokens, self.max_queue, self.max_batch, self.batch_wait = max_tokens, max_queue, max_batch, batch_wait
-        self.device = next(model.parameters()).device
+        self.device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else None  # None: GGUF
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -217,7 +217,11 @@ class Engine:
     def load(cls, model_or_run: str, adapters: dict[str, str] | None = None, *, device: str = "auto",
              precision: str = "auto", max_queue: int = 16, max_tokens: int = 512, max_batch: int = 4) -> Engine:
         """The base of `model_or_run` (a model, or a run whose adapter is served under the run folder's name)
-        plus `adapters` {name: run dir}, every one trained on that same base."""
+        plus `adapters` {name: run dir}, every one trained on that same base. A .gguf file: a GgufEngine."""
+        if str(model_or_run).endswith(".gguf"):
+            from medtune.serve.gguf_engine import GgufEngine  # here, not at the top: it subclasses Engine
+
+            return GgufEngine.load(model_or_run, adapters, max_queue=max_queue, max_tokens=max_tokens)
         adapters = dict(adapters or {})
         loaded = load_for_inference(model_or_run, device=device, precision=precision)
         model = loaded.model
