@@ -186,6 +186,34 @@ def tiny_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return run_training(recipe).run_dir
 
 
+def train_full(model_dir: Path, texts: list[str], out: Path, *, steps: int, lr: float = 3e-3, batch: int = 8,
+               max_length: int = 96, add_special_tokens: bool = True) -> Path:
+    """The tiny LLaMA at `model_dir` trained on every weight (AdamW, seed 0) for `steps` batches of `texts` taken in
+    turn, right-padded (pads carry no loss), saved with its tokenizer in `out`: a base that knows something."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = [tok(t, truncation=True, max_length=max_length, add_special_tokens=add_special_tokens)["input_ids"]
+           for t in texts]
+    pad = tok.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(steps):
+        rows = [ids[(step * batch + i) % len(ids)] for i in range(batch)]
+        width = max(len(r) for r in rows)
+        x = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (batch, width)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (batch, width)
+        model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 # ---- tiny runs with LoRA adapters and a live server on loopback (tests/serve, tests/bench) ----------------
 
 def make_run(model_dir: Path, run_dir: Path, seed: int) -> Path:

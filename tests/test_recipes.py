@@ -27,6 +27,8 @@ DOCTOR_CHAT = "llama3-8b-qlora-doctor-chat.yaml"
 HOME_REMEDIES = "llama2-7b-chat-qlora-home-remedies.yaml"
 MEDQA = "llama3.2-3b-lora-medqa.yaml"
 QUICKSTART = "quickstart.yaml"
+QUICKSTART_SAFETY = "quickstart-safety.yaml"
+MEDSAFETYBENCH = Path("/work/shared/data/safety/medsafetybench/train")
 
 
 def test_recipes_are_found():
@@ -152,6 +154,20 @@ def medqa_instructions(tmp: Path) -> list[str]:
             "data.max_length=256"]
 
 
+def safety_mix(tmp: Path) -> list[str]:
+    """quickstart-safety's sources and gate data at their absolute place (the recipe's are relative to the repo
+    root); a 1-item-per-category gate with 4-token answers."""
+    root = _need(MEDSAFETYBENCH / "gpt4" / "category_1.csv").parents[1]
+    recipe = load_recipe(REPO / "recipes" / QUICKSTART_SAFETY)
+    sources = [s.model_dump(exclude_none=True) for s in recipe.data.sources]
+    for s in sources:
+        s["path"] = s["path"].replace("../shared/data/safety/medsafetybench/train", str(root))
+    assert [s["path"] for s in sources] == ["demo:terms", *(f"{root}/gpt4/category_{n}.csv" for n in range(1, 10))]
+    return [f"data.sources={json.dumps(sources)}", "data.limit=16", "gate.limit=1", "gate.bootstrap=50",
+            f"gate.data={json.dumps({'medsafety': str(root / 'llama2'), 'overrefusal': 'demo:benign'})}",
+            "gate.options={max_new_tokens: 4}"]
+
+
 def own_data(tmp: Path) -> list[str]:
     return ["data.limit=16"]
 
@@ -164,6 +180,7 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]]]] = [
     (HOME_REMEDIES, "home-remedies-demo", own_data),
     (MEDQA, "medqa-instruction", medqa_instructions),
     (QUICKSTART, "quickstart-demo", own_data),
+    (QUICKSTART_SAFETY, "quickstart-safety-mix", safety_mix),
 ]
 
 
@@ -226,6 +243,11 @@ def test_recipe_trains_two_steps(path, make_data, tiny_model_dir, tmp_path, capl
     if path.name == SEED_000:  # pre-formatted text: its own <s> is kept, no second one added; every token trains
         assert report["example"].startswith("«<s>[INST] Please tell me about "), report["example"]
         assert "<s><s>" not in report["example"] and report["example"].endswith("»"), report["example"]
+    if path.name == QUICKSTART_SAFETY:  # the demonstrations were mixed in, and the gate ran on the safety axes
+        assert sum(s["used"] for p, s in report["sources"].items() if p != "demo:terms") > 0, report["sources"]
+        assert [a["axis"] for a in result.gate["axes"]] == [
+            "perplexity.perplexity", "medsafety.refusal_rate", "overrefusal.overrefusal_rate"]
+        assert result.gate["items"] == {"perplexity": 1, "medsafety": 9, "overrefusal": 11}
     if path.name == HOME_REMEDIES:
         assert "[INST]" in report["example"], report["example"]
         assert "What is a home remedy for" in report["example"], report["example"]
