@@ -1,6 +1,7 @@
 """This machine's dense matmul peak, measured on the spot: the denominator of MFU.
 
-`python -m medtune.bench.peak` times `torch.mm` of two n×n matrices (default 2048) in bf16 and fp32 with torch's
+`python -m medtune.bench.peak` times `torch.mm` of two n×n matrices (default 2048, smaller where one product
+would not fit the time budget: see `fitting_size`) in bf16 and fp32 with torch's
 default thread count, after a warm-up, in a few short timed loops, and prints ONE JSON line with the best rate of
 each in TFLOP/s (one n×n×n product = 2·n³ FLOPs). `medtune bench train` runs it in its own process, before the
 training workers, so it shares no allocator or thread-pool state with them.
@@ -21,8 +22,24 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def matmul_tflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0, repeats: int = 5) -> float:
-    """Best of `repeats` timed loops (each about `seconds / repeats` long, at least one product) of n×n @ n×n."""
+def fitting_size(dtype: torch.dtype, n: int, budget: float, smallest: int = 256) -> int:
+    """The matrix size, at most n (a multiple of `smallest`), whose one product takes about `budget` seconds or less.
+    On a CPU without fast bf16 (AVX2 only: oneDNN falls back to a reference kernel at ~1 GFLOP/s) one bf16 product
+    of 2048x2048 takes ~13 s, so the fixed-size loop below would run for minutes; there the peak is measured on
+    smaller matrices (it is slow either way, and the figure says so)."""
+    a = torch.ones(smallest, smallest, dtype=dtype)
+    torch.mm(a, a)  # kernel selection
+    start = time.perf_counter()
+    torch.mm(a, a)
+    rate = 2.0 * smallest**3 / max(time.perf_counter() - start, 1e-9)  # FLOP/s at the smallest size
+    size = int((budget * rate / 2.0) ** (1 / 3)) // smallest * smallest
+    return max(smallest, min(n, size))
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0, repeats: int = 5) -> tuple[float, int]:
+    """(TFLOP/s, size): the best of `repeats` timed loops (each about `seconds / repeats` long, at least one
+    product) of n×n @ n×n, n cut down by `fitting_size` where one product would not fit a loop's budget."""
+    n = fitting_size(dtype, n, seconds / max(repeats, 1))
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)
@@ -40,13 +57,13 @@ def matmul_tflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0, repea
             if elapsed >= budget:
                 break
         best = max(best, 2.0 * n**3 * iters / elapsed / 1e12)
-    return best
+    return best, n
 
 
 def measure(n: int = 2048, seconds: float = 1.0) -> dict:
     result: dict = {"n": n, "threads": torch.get_num_threads()}
     for name, dtype in DTYPES.items():
-        result[f"{name}_tflops"] = matmul_tflops(dtype, n=n, seconds=seconds)
+        result[f"{name}_tflops"], result[f"{name}_n"] = matmul_tflops(dtype, n=n, seconds=seconds)
     return result
 
 
