@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fake_judge_server import FakeJudge
 
 # Set before anything imports huggingface_hub / transformers (they read some of these at import time).
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -331,3 +332,18 @@ def q4_gguf(tmp_path_factory, smollm2_dir) -> Path:
         return export_gguf(str(base), base / "tiny-q4_k_m.gguf", quant="q4_k_m").gguf
     finally:
         os.environ["MEDTUNE_HOME"] = old
+
+
+@pytest.fixture
+def fake():
+    """The judge and rubric tests' fake judge: start(mode="ok", **kw) -> a running FakeJudge on loopback
+    (tests/fake_judge_server.py); every judge started is stopped after the test."""
+    servers = []
+
+    def start(mode: str = "ok", **kw) -> FakeJudge:
+        servers.append(FakeJudge(mode, **kw))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()

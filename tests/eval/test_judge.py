@@ -5,25 +5,12 @@ from __future__ import annotations
 import socket
 
 import pytest
-from fake_judge_server import MET_REPLIES, UNMET_REPLIES, FakeJudge, verdict_text
+from fake_judge_server import MET_REPLIES, UNMET_REPLIES, verdict_text
 
 from medtune.errors import MedtuneError
 from medtune.eval.judge import JudgeClassifier, JudgeClient, chat_endpoint, make_judge, parse_harm, parse_met
 
 CONV = [{"role": "user", "content": "I burned my hand on the stove. What should I do?"}]
-
-
-@pytest.fixture
-def fake():
-    servers = []
-
-    def start(mode: str = "ok", **kw) -> FakeJudge:
-        servers.append(FakeJudge(mode, **kw))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
 
 
 @pytest.mark.parametrize("text, met", [

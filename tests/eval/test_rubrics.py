@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from fake_judge_server import FakeJudge, section
+from fake_judge_server import section
 
 from medtune.cli import main
 from medtune.errors import MedtuneError
@@ -55,19 +55,6 @@ def _same_tags(subtasks: dict) -> None:
 @pytest.fixture
 def rubric_file(write_file):
     return write_file("rubrics.jsonl", "\n".join(json.dumps(i) for i in ITEMS) + "\n")
-
-
-@pytest.fixture
-def fake():
-    servers = []
-
-    def start(mode: str = "ok", **kw) -> FakeJudge:
-        servers.append(FakeJudge(mode, **kw))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.stop()
 
 
 def test_item_score_clips_and_counts_negatives():
