@@ -26,6 +26,7 @@ from medtune.eval.probes import NOT_OFFERED, PROBE_TASKS, probe_data, read_probe
 from medtune.eval.probes import statistics as probe_statistics
 from medtune.eval.report import write_run_results
 from medtune.eval.results import TaskResult
+from medtune.eval.rouge import bleu, generate_batch, rouge_l, score
 from medtune.eval.rubrics import grade, read_rubrics, score_items
 from medtune.eval.safety import SAFETY_TASKS, category_intervals, data_for, read_items, run_safety
 from medtune.eval.safety import statistics as safety_statistics
@@ -153,7 +154,6 @@ def _perplexity(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dic
 
 def _rouge(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
     from medtune.eval.inputs import eval_recipe, read_dialogues
-    from medtune.eval.rouge import generate_batch, score
 
     if "dialogues" not in cache:
         cache["dialogues"] = read_dialogues(eval_recipe(opts.model, opts.data.get("rouge"), opts.recipe,
@@ -166,8 +166,6 @@ def _rouge(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
 
 
 def _rubrics(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
-    from medtune.eval.rouge import generate_batch
-
     if "items" not in cache:
         cache["items"] = read_rubrics(opts.data.get("rubrics"), opts.limit)
         cache["judge"] = make_judge(opts.judge_url, opts.judge_model, opts.judge_key, opts.judge_timeout)
@@ -204,8 +202,6 @@ def _statistics(task: str) -> dict[str, tuple]:
     if task == "perplexity":
         return {"perplexity": (perplexity_of, False)}
     if task == "rouge":
-        from medtune.eval.rouge import bleu, rouge_l
-
         return {"rougeL": (rouge_l, True), "bleu": (lambda rows: bleu(rows.tolist()), True)}
     if task == "rubrics":
         return {"score": (mean_of(0), True)}
