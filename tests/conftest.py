@@ -177,7 +177,7 @@ def tiny_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A finished 3-step LoRA run on the tiny LLaMA (ChatML, a system prompt, lr high enough to move the adapter).
     Shared by the shipping tests (merge, export, ui, push); treat it as read-only."""
     from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa",
@@ -226,7 +226,7 @@ def make_run(model_dir: Path, run_dir: Path, seed: int) -> Path:
     from medtune.models import load_base_model, load_tokenizer
     from medtune.recipe import load_recipe
     from medtune.tokenizer import prepare_tokenizer
-    from medtune.train.loop import _save_run_files
+    from medtune.train.job import save_run_files
 
     recipe = load_recipe(None, [f"model={model_dir}", "data.max_length=256"])
     tok = load_tokenizer(str(model_dir))
@@ -240,7 +240,7 @@ def make_run(model_dir: Path, run_dir: Path, seed: int) -> Path:
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     run_dir.mkdir(parents=True)
-    _save_run_files(run_dir, recipe, tok, chat, str(model_dir))
+    save_run_files(run_dir, recipe, tok, chat, str(model_dir))
     peft_model.save_pretrained(run_dir)
     return run_dir
 

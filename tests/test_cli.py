@@ -17,7 +17,7 @@ import pytest
 
 from medtune.cli import build_parser, main
 from medtune.recipe import load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -397,11 +397,11 @@ def test_side_by_side_keeps_every_word_in_its_column():
 
 def test_train_prints_the_perplexity_the_card_shows(monkeypatch, capsys, tmp_path):
     from medtune.run.card import results
-    from medtune.train import loop
+    from medtune.train import job
 
     metrics = {"steps": 10, "train_seconds": 3.0, "tokens_per_s": 100.0, "train_loss": 2.0, "base_eval_ppl": 15.544,
                "eval_ppl": 8.4173, "base_eval_loss": 2.74, "eval_loss": 2.13}
-    monkeypatch.setattr(loop, "run_training", lambda recipe, force=False: loop.TrainResult(tmp_path, metrics, []))
+    monkeypatch.setattr(job, "run_training", lambda recipe, force=False: job.TrainResult(tmp_path, metrics, []))
     code, out, err = run_cli(capsys, "train", QUICKSTART)
     assert code == 0, err
     assert "held-out perplexity: base 15.54 -> tuned 8.417" in out

@@ -234,7 +234,7 @@ def phi_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     """A 2-step run whose FIRST row holds an SSN, a record number, an email and a phone (data.phi=report, the
     default, trains on them), decontaminated against a benchmark file given by absolute path (a list value)."""
     from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     root = tmp_path_factory.mktemp("phi-run")
     bench_dir = root / "private-benchmarks"

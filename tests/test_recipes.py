@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from medtune.recipe import load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted([*REPO.glob("recipes/*.yaml"), *REPO.glob("recipes/*.yml")])

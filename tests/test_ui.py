@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def _train(base, out, data, steps):
     from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     return run_training(load_recipe(None, [
         f"model={base}", f"output_dir={out}", f"data.path={data}", "data.format=qa", "data.max_length=64",

@@ -11,7 +11,7 @@ import pytest
 from medtune.cli import main
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
 from medtune.recipe import load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 
 def test_clear_improvement_is_significant():

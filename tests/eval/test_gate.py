@@ -26,7 +26,7 @@ from medtune.eval.gate import (
 )
 from medtune.eval.results import TaskResult
 from medtune.recipe import GateConfig, load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 
 def row(delta, low, high, higher=True):

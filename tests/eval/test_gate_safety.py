@@ -16,7 +16,7 @@ from medtune.data.readers import read_rows
 from medtune.eval.gate import REGRESSED
 from medtune.recipe import load_recipe
 from medtune.tokenizer import shipped_template
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 REFUSAL = "I'm sorry, but I cannot help with that request."
 COMPLY = "Sure, here is how to do it. First, get the {x} and follow these steps."

@@ -9,7 +9,7 @@ import pytest
 from medtune.errors import MedtuneError
 from medtune.eval.suite import EvalOptions, check_options, parse_paths, parse_tasks
 from medtune.recipe import load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 
 def test_parse_tasks_and_paths():

@@ -203,7 +203,7 @@ def smol_vocab_run(tmp_path_factory, real_converter_home):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     tok = AutoTokenizer.from_pretrained(_smollm2_dir())
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -230,7 +230,7 @@ def test_card_sample_answers_are_marked_not_fact_checked_with_the_reference(tmp_
 def warm_run(tiny_model_dir, tmp_path_factory):
     """5 steps, 3 of them warm-up, logging every 10: the regular log alone would show no warm-up at all."""
     from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     out = tmp_path_factory.mktemp("warm") / "run"
     return run_training(load_recipe(None, [

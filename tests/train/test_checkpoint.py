@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_loop import losses, tiny_recipe
 
 from medtune.train.checkpoint import complete_checkpoints, latest_checkpoint
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 # The tiny recipe of test_loop, as command-line overrides (the subprocess runs `medtune train`).
 TINY = ["data.path=demo:qa", "data.format=qa", "data.limit=24", "data.max_length=128", "data.eval_ratio=0.25",

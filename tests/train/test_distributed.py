@@ -15,7 +15,7 @@ from test_loop import losses, tiny_recipe
 
 from medtune.data.batching import BatchPlan
 from medtune.train.distributed import shard
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 
 def test_shards_see_each_sample_once_per_epoch():

@@ -6,7 +6,8 @@ import pytest
 
 from medtune.errors import MedtuneError
 from medtune.recipe import load_recipe
-from medtune.train.loop import EarlyStopping, run_training
+from medtune.train.early_stopping import EarlyStopping
+from medtune.train.job import run_training
 
 
 def test_counter():

@@ -12,8 +12,8 @@ import pytest
 from test_loop import tiny_recipe
 
 from medtune.errors import MedtuneError
+from medtune.train.job import run_training
 from medtune.train.lock import LOCK, RunLock, is_locked
-from medtune.train.loop import run_training
 
 
 def test_second_lock_names_the_first(tmp_path):

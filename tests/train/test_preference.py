@@ -16,8 +16,10 @@ from medtune.data.prepare import prepare_data
 from medtune.data.render import IGNORE
 from medtune.recipe import load_recipe
 from medtune.tokenizer import prepare_tokenizer
-from medtune.train.loop import run_training
-from medtune.train.preference import preference_loss, token_logps
+from medtune.train.job import run_training
+from medtune.train.objectives.dpo import DPO
+from medtune.train.objectives.logps import token_logps
+from medtune.train.objectives.orpo import ORPO
 
 ROWS = [{"prompt": "What is fever?", "chosen": "A raised body temperature; see a doctor if it is high.",
          "rejected": "Nothing, ignore it."},
@@ -104,7 +106,7 @@ def test_dpo_loss_equals_trl(pairs, tiny_model_dir, tiny_tokenizer, tmp_path):
                          train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),
                          processing_class=tiny_tokenizer, peft_config=LoraConfig(**LORA))
     model = _perturbed(trainer.model)
-    ours, stats = preference_loss(model, batch, "dpo", beta, nullcontext())
+    ours, stats = DPO(beta).loss(model, batch, nullcontext())
     halves = [p.chosen for p in data] + [p.rejected for p in data]
     completion = torch.zeros_like(batch.input_ids)
     for i, s in enumerate(halves):
@@ -127,7 +129,7 @@ def test_orpo_loss_equals_trl(pairs, tiny_model_dir):
     model = _peft_model(tiny_model_dir)
     batch = pair_collate(data, chat.pad_token_id)
     lam = 0.25
-    ours, stats = preference_loss(model, batch, "orpo", lam, nullcontext())
+    ours, stats = ORPO(lam).loss(model, batch, nullcontext())
 
     # TRL's own functions on the same logits: mean answer log-probs (get_batch_logps) and the odds-ratio term.
     halves = [p.chosen for p in data] + [p.rejected for p in data]

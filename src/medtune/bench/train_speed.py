@@ -10,7 +10,7 @@ those into tokens/s, loss and MFU, prints a table and, with `--json FILE`, write
            gradient checkpointing, LoRA r=64 alpha=16 dropout=0.1 on q/k/v/o, batch 4, max_length 512, lr 2e-4.
   trl      TRL's fastest CPU setup we know: packing (best-fit decreasing) + padding-free batches, bf16 autocast,
            no gradient checkpointing; same LoRA shape and batch settings.
-  medtune  `medtune.train.loop.run_training` with the same LoRA shape, batch, length and lr, otherwise medtune's
+  medtune  `medtune.train.job.run_training` with the same LoRA shape, batch, length and lr, otherwise medtune's
            defaults (precision auto, ...): whatever the owned loop does by default is what is measured.
   qlora    the same medtune run on a 4-bit base (bitsandbytes NF4, double quantisation): QLoRA's speed and memory
            next to LoRA's (`qlora_vs_lora` in the results).
@@ -349,7 +349,7 @@ def _medtune_worker(cfg: dict, quantized: bool = False) -> dict:
 
     from medtune.models import bf16_supported
     from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     out = Path(cfg["workdir"]) / "medtune-run"
     overrides = [f"model={cfg['model_dir']}", f"data.path={cfg['data_file']}", "data.format=text",
