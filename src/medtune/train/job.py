@@ -28,7 +28,8 @@ from medtune.tokenizer import ChatSetup, prepare_tokenizer
 from medtune.train.checkpoint import writing
 from medtune.train.lock import RunLock, holder, is_locked
 from medtune.train.memory import check_memory, estimate_for_recipe
-from medtune.train.trainer import Trainer, start_runtime
+from medtune.train.runtime import start_runtime
+from medtune.train.trainer import Trainer
 
 log = logging.getLogger("medtune")
 

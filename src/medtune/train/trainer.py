@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +33,10 @@ from medtune.data.prepare import PreparedData
 from medtune.errors import MedtuneError
 from medtune.eval.perplexity import Perplexity, perplexity
 from medtune.generate import Loaded
-from medtune.models import add_lora, bf16_supported, load_base_model, pick_device
+from medtune.models import add_lora, load_base_model
 from medtune.recipe import Recipe
 from medtune.run.metrics import RunDir, lr_point
 from medtune.tokenizer import ChatSetup
-from medtune.train.allocator import return_freed_memory_to_os
 from medtune.train.checkpoint import (
     TrainState,
     check_same_adapter,
@@ -49,48 +46,14 @@ from medtune.train.checkpoint import (
     save_checkpoint,
     trim_metrics,
 )
-from medtune.train.distributed import Distributed, Single, setup, shard
+from medtune.train.distributed import shard
 from medtune.train.early_stopping import EarlyStopping
 from medtune.train.guard import Interrupted, NonFinite, NonFiniteGuard, StopSignals
 from medtune.train.objectives import LossModule, get_objective
 from medtune.train.optim import make_optimizer, make_scheduler, warmup_steps
+from medtune.train.runtime import Runtime
 
 log = logging.getLogger("medtune")
-
-
-@dataclass
-class Runtime:
-    """Where and how this process trains: its place among the processes, its device and its precision."""
-
-    dist: Single | Distributed
-    device: torch.device
-    bf16: bool
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The frozen base weights' dtype: the compute dtype, so autocast never re-casts them."""
-        return torch.bfloat16 if self.bf16 else torch.float32
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
-
-
-def start_runtime(recipe: Recipe) -> Runtime:
-    """Seed, join the other processes (torchrun / accelerate launch), pick the device and the precision."""
-    cfg = recipe.train
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    dist = setup(cfg.device, cfg.grad_accum, cfg.batch_size)
-    if not dist.is_main:
-        log.setLevel(logging.WARNING)
-    device = pick_device(cfg.device) if isinstance(dist, Single) else dist.device
-    if device.type == "cpu" and cfg.release_memory:
-        return_freed_memory_to_os()
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device))
-    if recipe.resume and dist.sharded:
-        raise MedtuneError("resume=true is not supported under FSDP / DeepSpeed (sharded optimizer state); "
-                           "resume with DDP or one process", field="resume")
-    return Runtime(dist, device, bf16)
 
 
 @dataclass
