@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from medtune.cli import main
 from medtune.data.formats import Example
@@ -29,10 +30,7 @@ from medtune.errors import MedtuneError
 from medtune.recipe import load_recipe
 from medtune.tokenizer import prepare_tokenizer
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data")
-EVAL, MEDQUAD = SHARED / "eval", SHARED / "train" / "medquad_qa.jsonl"
+EVAL, MEDQUAD = SHARED_DATA / "eval", SHARED_DATA / "train" / "medquad_qa.jsonl"
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 needs_shared = pytest.mark.skipif(not (EVAL.is_dir() and MEDQUAD.is_file()), reason="needs ../shared/data")
 
@@ -315,9 +313,9 @@ def test_phi_scan_does_not_log_presidio_device_line(monkeypatch, caplog):
         monkeypatch.delitem(sys.modules, name)  # import presidio afresh, as a new process does
     monkeypatch.setattr(logging.getLogger("presidio-analyzer"), "level", logging.NOTSET)
     caplog.set_level(logging.INFO)
-    hygiene._recognizers.cache_clear()
+    hygiene.phi_recognizers.cache_clear()
     try:
         assert hygiene.find_phi("write to a@b.com") == [(9, 16, "EMAIL_ADDRESS")]
     finally:
-        hygiene._recognizers.cache_clear()
+        hygiene.phi_recognizers.cache_clear()
     assert [r.getMessage() for r in caplog.records if r.name.startswith("presidio")] == []

@@ -169,7 +169,8 @@ def near_duplicates(examples: list[Example], cfg: DataConfig) -> tuple[list[Exam
 # ---------------------------------------------------------------- PHI
 
 @cache
-def _recognizers() -> list:
+def phi_recognizers() -> list:
+    """presidio's pattern recognizers and medtune's, built once (a cached call)."""
     # presidio logs "Using device of type: cpu" at import and a line per recognizer loaded: quiet its logger first
     logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
     import tldextract
@@ -237,7 +238,7 @@ def _names(model: str):
 
 def find_phi(text: str, model: str | None = None) -> list[tuple[int, int, str]]:
     """Non-overlapping (start, end, entity) spans, longest first where recognizers disagree."""
-    results = [r for rec in _recognizers() for r in rec.analyze(text, rec.supported_entities, None)]
+    results = [r for rec in phi_recognizers() for r in rec.analyze(text, rec.supported_entities, None)]
     if model:
         engine, names = _names(model)
         results += names.analyze(text, ["PERSON"], engine.process_text(text, "en"))
