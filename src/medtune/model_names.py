@@ -1,11 +1,13 @@
-"""Model names medtune knows without loading anything: the aliases of models shipped inside a wheel, and hub ids.
+"""Names medtune knows without loading anything: the aliases of models shipped inside a wheel, hub ids, and
+whether the Hub may be asked at all.
 
-Light on purpose (no torch): the model card (run/card.py) and push name a run's base model through it, and
-models.py resolves the same aliases to local folders.
+Light on purpose (no torch): the model card (run/card.py) and push name a run's base model through it, the data
+readers ask it before reaching for a hub dataset, and models.py resolves the same aliases to local folders.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,3 +34,8 @@ def hub_id_of(name: str) -> str | None:
     if _HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
         return name
     return None
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE is set: model and data names resolve to local files only."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -16,17 +16,13 @@ from pathlib import Path
 import torch
 
 from medtune.errors import MedtuneError
-from medtune.model_names import ALIASES, Alias
+from medtune.model_names import ALIASES, Alias, offline
 
 log = logging.getLogger("medtune")
 
 
 def medtune_home() -> Path:
     return Path(os.environ.get("MEDTUNE_HOME", Path.home() / ".cache" / "medtune"))
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def _is_model_dir(path: Path) -> bool:
