@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_recipe
 
 from medtune.cli import build_parser, main
 from medtune.recipe import load_recipe
@@ -40,12 +41,10 @@ def subprocess_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny LoRA run (2 steps), like tests/train/test_loop.py's `tiny_recipe`."""
+    """A tiny LoRA run: conftest's, 2 steps, packed, a loss logged every 10 steps."""
     out = tmp_path_factory.mktemp("cli-run") / "tiny"
-    result = run_training(load_recipe(None, [
-        f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa", "data.limit=24",
-        "data.max_length=128", "data.eval_ratio=0.25", "train.max_steps=2", "train.batch_size=4",
-        "train.precision=fp32", "train.lr=1e-2", "lora.dropout=0", "lora.r=4", "train.seed=42"]))
+    result = run_training(tiny_recipe(tiny_model_dir, out, "train.max_steps=2", "train.logging_steps=10",
+                                      "train.packing=true"))
     assert result.metrics["steps"] == 2
     return result.run_dir
 

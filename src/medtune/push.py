@@ -31,6 +31,7 @@ import yaml
 from medtune.data.hygiene import identifiers_in
 from medtune.errors import MedtuneError
 from medtune.export.merge import check_run, merge_run
+from medtune.model_names import hub_id_of
 from medtune.models import medtune_home, offline
 from medtune.run.card import local_paths, public_value
 from medtune.run.layout import ADAPTER_FILES as ADAPTER
@@ -62,8 +63,6 @@ def hub_token() -> str:
 
 def base_hub_id(run: Path, base_model: str | None) -> str:
     """The hub id of the run's base: `base_model` if given, else the alias's id or the hub id it trained from."""
-    from medtune.run.card import hub_id_of
-
     if base_model is not None:
         if not REPO_ID.fullmatch(base_model):
             raise MedtuneError(f"base model '{base_model}' is not a hub id ORG/NAME", field="--base-model")

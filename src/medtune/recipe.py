@@ -12,12 +12,13 @@ import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtune.data.guard import DEFAULT_MAX_ROW_BYTES
 from medtune.errors import MedtuneError
 from medtune.recipe_guard import load_yaml
-from medtune.recipe_keys import choices, suggest_key
+from medtune.recipe_keys import is_text_key, keys_help, suggest_key
+from medtune.recipe_rules import RuleBroken, check_rules
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -286,13 +287,18 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluations after training (`medtune eval`).")
     gate: GateConfig = Field(default_factory=GateConfig, description="The release gate (`medtune gate`, eval.gate).")
 
-
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
             raise ValueError("use letters, digits, '.', '_' and '-' only")
         return v
+
+    @model_validator(mode="after")
+    def _rules(self) -> Recipe:
+        """The rules between keys (recipe_rules.RULES), once every key is valid alone."""
+        check_rules(self)
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -313,19 +319,6 @@ def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
     node[parts[-1]] = value
 
 
-def _is_text_key(key: str) -> bool:
-    """Is the dotted recipe key a text field (str or str | None)? Its override value is then taken verbatim."""
-    model: type[BaseModel] = Recipe
-    *sections, last = key.split(".")
-    for part in sections:
-        field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return False
-        model = field.annotation
-    field = model.model_fields.get(last)
-    return field is not None and field.annotation in (str, str | None)
-
-
 def parse_overrides(overrides: list[str], source: str = "command line") -> dict:
     """`a.b=value` strings → nested dict; values are parsed as YAML scalars/lists (`true`, `16`, `[q_proj, v_proj]`),
     except for text fields, which take the text as written (`tokenizer.system_prompt=Answer: briefly`)."""
@@ -334,7 +327,7 @@ def parse_overrides(overrides: list[str], source: str = "command line") -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise MedtuneError(f"override '{item}' is not key=value", file=source)
-        if _is_text_key(key.strip()):
+        if is_text_key(Recipe, key.strip()):
             value = None if raw in ("null", "~") else raw
         else:
             value = load_yaml(raw, source, key.strip(), syntax_errors=False) if raw != "" else ""
@@ -367,6 +360,11 @@ _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 200, 200, 4
 def _explain(err: ValidationError, source: str, overrides: dict | None = None,
              override_source: str = "command line") -> MedtuneError:
     first = err.errors()[0]
+    rule = first.get("ctx", {}).get("error")
+    if isinstance(rule, RuleBroken):  # keys valid alone, not together: blame the command line if it set one
+        if overrides and any(_has_path(overrides, tuple(k.split("."))) for k in rule.keys):
+            source = override_source
+        return MedtuneError(rule.reason, file=source, field=rule.field)
     key = ".".join(str(p) for p in first["loc"])
     if overrides and _has_path(overrides, first["loc"]):
         source = override_source  # the mistake is in a key=value override, not in the file
@@ -423,19 +421,4 @@ def _name_after_data(tree: dict, override_tree: dict) -> None:
 
 def recipe_help() -> str:
     """Every recipe key with its type, default and description: the help text of `medtune train`."""
-    lines = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            key = name
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{key}.")
-                continue
-            default = field.get_default(call_default_factory=True)
-            allowed = choices(ann)
-            one_of = f" One of: {', '.join(allowed)}." if allowed else ""
-            lines.append(f"  {prefix}{key} = {default!r}\n      {field.description or ''}{one_of}")
-
-    walk(Recipe, "")
-    return "\n".join(lines)
+    return keys_help(Recipe)

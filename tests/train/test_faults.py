@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_loop import tiny_recipe
+from conftest import tiny_recipe
 
 from medtune.cli import main
 from medtune.errors import MedtuneError

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file
-from test_loop import tiny_recipe
 
 from medtune.train import objectives
 from medtune.train.checkpoint import latest_checkpoint

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from test_loop import tiny_recipe
+from conftest import tiny_recipe
 
 from medtune.errors import MedtuneError
 from medtune.train.job import run_training

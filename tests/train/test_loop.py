@@ -9,28 +9,17 @@ import shutil
 
 import pytest
 import torch
+from conftest import losses, tiny_recipe
 from safetensors.torch import load_file
 
 from medtune.recipe import load_recipe
 from medtune.run.card import number
 from medtune.train.job import run_training
 
-# Losses of the first 5 steps of `tiny_recipe` (fp32, seed 42). If a change moves them, it changed what is
+# Losses of the first 5 steps of conftest's `tiny_recipe` (fp32, seed 42). If a change moves them, it changed what is
 # trained (data order, masking, loss normalisation, optimizer) — find out why before updating them. They
 # also depend on the tiny tokenizer, which conftest trains on the demo data.
 GOLDEN_LOSSES = [6.418767340829439, 6.377393713662791, 6.365515523366799, 6.342292995627867, 6.348473890772405]
-
-
-def tiny_recipe(model_dir, out, *extra):
-    return load_recipe(None, [f"model={model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa",
-                              "data.limit=24", "data.max_length=128", "data.eval_ratio=0.25", "train.max_steps=5",
-                              "train.batch_size=4", "train.precision=fp32", "train.logging_steps=1", "train.lr=1e-2",
-                              "lora.dropout=0", "lora.r=4", "train.seed=42", "train.packing=false", *extra])
-
-
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_recipe
 
 from medtune.data.batching import pair_collate
 from medtune.data.prepare import prepare_data
@@ -155,11 +156,10 @@ def test_orpo_loss_equals_trl(pairs, tiny_model_dir):
 def test_dpo_training_raises_the_margin(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "data.path=demo:preferences",
-                                "data.format=preference", "data.limit=16", "data.eval_ratio=0", "data.max_length=128",
-                                "train.objective=dpo", "train.beta=0.5", "train.max_steps=6", "train.batch_size=4",
-                                "train.lr=5e-3", "train.precision=fp32", "train.logging_steps=1", "lora.dropout=0",
-                                "lora.r=4", "samples.prompts=[]", "eval.after_train=[]", "report_to=[]"])
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", "data.path=demo:preferences", "data.format=preference",
+                         "data.limit=16", "data.eval_ratio=0", "train.objective=dpo", "train.beta=0.5",
+                         "train.max_steps=6", "train.lr=5e-3", "train.packing=true", "samples.prompts=[]",
+                         "eval.after_train=[]", "report_to=[]")
     result = run_training(recipe)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     margins = [r["rewards/margins"] for r in rows if "rewards/margins" in r]
@@ -173,9 +173,8 @@ def test_dpo_training_raises_the_margin(tiny_model_dir, tmp_path):
 def test_objective_and_format_must_agree(tiny_model_dir, tiny_tokenizer):
     from medtune.errors import MedtuneError
 
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", "data.path=demo:qa", "data.format=qa", "train.objective=dpo"])
-    with pytest.raises(MedtuneError, match="data.format=preference"):
-        prepare_data(recipe, tiny_tokenizer, prepare_tokenizer(tiny_tokenizer, recipe.tokenizer))
+    with pytest.raises(MedtuneError, match="data.format=preference"):  # at load_recipe, before any data is read
+        load_recipe(None, [f"model={tiny_model_dir}", "data.path=demo:qa", "data.format=qa", "train.objective=dpo"])
 
 
 def test_bad_preference_row_names_row_and_field(tiny_model_dir, tiny_tokenizer, tmp_path):

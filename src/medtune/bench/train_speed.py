@@ -34,6 +34,7 @@ Threads: workers keep torch's default (one per core; OMP_NUM_THREADS is respecte
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -116,6 +117,10 @@ def validate(cfg: BenchConfig) -> None:
         raise MedtuneError("must be at least 16", field="--max-length")
     if cfg.batch_size < 1:
         raise MedtuneError("must be at least 1", field="--batch-size")
+    trl_systems = [s for s in cfg.systems if s in ("seed", "trl")]
+    if trl_systems and importlib.util.find_spec("trl") is None:
+        raise MedtuneError(f"the {' and '.join(trl_systems)} systems train with TRL: pip install 'medtune[bench]' "
+                           "(or --systems medtune,qlora)", field="--systems")
 
 
 # ---- data -----------------------------------------------------------------------------------------------------

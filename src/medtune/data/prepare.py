@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from medtune.data.formats import RowError, to_example, to_pair
-from medtune.data.hygiene import clean, scan_phi
+from medtune.data.hygiene import clean, hygiene_lines, scan_phi
 from medtune.data.readers import Row, read_rows
 from medtune.data.render import IGNORE, Dropped, Pair, Sample, render
 from medtune.errors import MedtuneError
@@ -67,26 +67,6 @@ class DataReport:
             out.append("first training example (« » marks the tokens that carry loss):")
             out.append(self.example)
         return out
-
-
-def hygiene_lines(h: dict) -> list[str]:
-    out = []
-    if "decontamination" in h:
-        d = h["decontamination"]
-        against = ", ".join(f"{k} ({n} items)" for k, n in d["checked_against"].items())
-        out.append(f"  benchmark overlap ({d['ngram']}-gram): {d['contaminated_rows']} rows "
-                   f"({'dropped' if d['action'] == 'drop' else 'kept'}) against {against}")
-        out += [f"    {e}" for e in d["examples"]]
-    if "near_duplicates" in h:
-        d = h["near_duplicates"]
-        out.append(f"  near-duplicates (Jaccard >= {d['threshold']}): {d['duplicate_rows']} rows "
-                   f"({'dropped' if d['action'] == 'drop' else 'kept'})" + (": " + ", ".join(d["examples"]) if d["examples"] else ""))
-    if "phi" in h:
-        d = h["phi"]
-        counts = ", ".join(f"{n} {e}" for e, n in d["counts"].items()) or "none found"
-        out.append(f"  PHI ({d['mode']}): {d['rows_with_phi']} rows with identifiers: {counts}; names {d['names']}")
-        out += [f"    {e}" for e in d["examples"]]
-    return out
 
 
 def _percentiles(lengths: list[int]) -> dict[str, int]:
@@ -218,22 +198,6 @@ def split_rows(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], lis
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
-def check_objective(recipe: Recipe) -> None:
-    """dpo/orpo train on preference pairs, sft on single answers: the two settings must agree."""
-    preference, objective = recipe.data.format == "preference", recipe.train.objective
-    if preference != (objective != "sft"):
-        need = "data.format=preference needs train.objective dpo or orpo" if preference else \
-            f"train.objective={objective} needs data.format=preference"
-        raise MedtuneError(f"{need} (data.format={recipe.data.format}, train.objective={objective})",
-                           field="train.objective")
-    if preference and recipe.data.train_on_prompt:
-        raise MedtuneError("preference objectives learn only the answers; set data.train_on_prompt=false",
-                           field="data.train_on_prompt")
-    if preference and "perplexity" in recipe.eval.after_train:
-        raise MedtuneError("eval.after_train perplexity reads single answers, not preference pairs; drop it or "
-                           "run `medtune eval` with --data", field="eval.after_train")
-
-
 def _read_source(spec: str, split: str, limit: int | None, where: str, max_row_bytes: int,
                  training: bool = True) -> list[Row]:
     """read_rows, with a mistake in the spec reported against the recipe key that named it (`where`)."""
@@ -294,7 +258,6 @@ def mix_sources(recipe: Recipe) -> tuple[list[Row], list[DataConfig], list[Row],
 
 def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     cfg = recipe.data
-    check_objective(recipe)
     held_out = f"(held out: {cfg.eval_ratio:.0%}, seed {recipe.train.seed})"
     if cfg.sources or cfg.replay.path:
         train_rows, train_formats, eval_rows, eval_formats, counts = mix_sources(recipe)

@@ -26,8 +26,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from medtune.data.benchmark_files import BENCHMARKS, read_benchmark
 from medtune.errors import MedtuneError
-from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
 from medtune.eval.forest import forest_plot
 from medtune.eval.probes import PROBE_TASKS
 from medtune.eval.report import write_json

@@ -25,7 +25,8 @@ def eval_recipe(model_or_run: str, data: str | None, recipe: str | None = None,
                 overrides: list[str] | None = None) -> Recipe:
     """The recipe whose data section says how to read evaluation rows (see module doc)."""
     source = recipe or (Path(model_or_run) / "recipe.yaml" if is_run_dir(model_or_run) else None)
-    extra = [f"data.max_length={UNLIMITED}", "data.overlong=truncate"]
+    # samples.from_eval=0: evaluation draws no sample prompts, so a run's from_eval does not refuse data.format=text
+    extra = [f"data.max_length={UNLIMITED}", "data.overlong=truncate", "samples.from_eval=0"]
     if data:
         extra += [f"data.path={data}", "data.eval_ratio=0", "data.eval_path=null", "data.limit=null",
                   "data.sources=[]", "data.replay.path=null"]  # that file alone, not the run's mix

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medtune.data.benchmark_files import BENCHMARKS, read_benchmark
 from medtune.errors import MedtuneError
-from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
 from medtune.eval.calibration import ece
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
 from medtune.eval.judge import JudgeClassifier, chat_endpoint, make_judge

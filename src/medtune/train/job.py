@@ -54,6 +54,9 @@ def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
     data = prepare_data(recipe, tok, chat)
     for line in data.report.lines():
         log.info(line)
+    if recipe.train.early_stopping_patience and not data.eval:  # the split left no held-out rows
+        raise MedtuneError("train.early_stopping_patience needs train.eval_steps > 0 and held-out data",
+                           field="train.early_stopping_patience")
     if recipe.eval.gate:  # a mistake in the gate's config stops us before the model loads
         check_gate(recipe.gate, held_out=bool(data.eval))
     log.info(check_memory(estimate_for_recipe(recipe, model_dir, runtime.device, runtime.bf16), runtime.device, force))

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from medtune.data.batching import Batch, BatchPlan, iterate
 from medtune.data.prepare import PreparedData
-from medtune.errors import MedtuneError
 from medtune.eval.perplexity import Perplexity, perplexity
 from medtune.generate import Loaded
 from medtune.models import add_lora, load_base_model
@@ -130,16 +129,10 @@ class Trainer:
     def setup_data(self, data: PreparedData) -> None:
         """The batch plan over the training rows and the run's length: `total_steps` optimizer steps."""
         cfg, recipe = self.cfg, self.recipe
-        if cfg.early_stopping_patience and not (cfg.eval_steps and data.eval):
-            raise MedtuneError("train.early_stopping_patience needs train.eval_steps > 0 and held-out data",
-                               field="train.early_stopping_patience")
         packable = self.objective.packable  # pairs: batch_size pairs per micro-batch, never packed
         if cfg.packing and not packable:
             log.info("train.packing is off for train.objective=%s: a pair's chosen and rejected answers share a batch",
                      cfg.objective)
-        if recipe.samples.from_eval and recipe.data.format == "text":
-            raise MedtuneError("samples.from_eval needs prompts: a chat data format, not data.format=text",
-                               field="samples.from_eval")
         self.data = data
         self.plan = BatchPlan([self.objective.row_length(s) for s in data.train], cfg.batch_size, cfg.seed,
                               packing=cfg.packing and packable, group_by_length=cfg.group_by_length,
