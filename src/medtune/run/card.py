@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from medtune.data.hygiene import redact_identifiers
+from medtune.data.prepare import hygiene_lines
+from medtune.models import ALIASES
 from medtune.recipe import Recipe
 from medtune.run.layout import CARD, DATA_REPORT, EVAL, GATE, GATE_PLOT, METRICS_FINAL, PLOTS, RECIPE, SAMPLES
 from medtune.run.meta import RunMeta, read_run_meta
@@ -173,8 +175,6 @@ def training_data(report: dict | None) -> str:
         text += "\n\n" + table(["split", "rows", "kept", "truncated", "dropped", "tokens", "loss tokens", "length"],
                                rows)
     if report.get("hygiene"):
-        from medtune.data.prepare import hygiene_lines
-
         text += "\n\nData hygiene (`medtune data check`):\n\n```text\n" + "\n".join(
             public_text(line.strip()) for line in hygiene_lines(report["hygiene"])) + "\n```"
     if report.get("example"):
@@ -327,8 +327,6 @@ def merged_card(run: Path, dtype: str) -> str:
 
 def hub_id_of(name: str) -> str | None:
     """The hub id of a model name: an alias's id, an `org/name` that is not a local path, else None."""
-    from medtune.models import ALIASES
-
     alias = ALIASES.get(name.lower())
     if alias is not None:
         return alias.hub_id
