@@ -242,14 +242,14 @@ def train_full(model_dir: Path, texts: list[str], out: Path, *, steps: int, lr: 
 # ---- tiny runs with LoRA adapters and a live server on loopback (tests/serve, tests/bench) ----------------
 
 def make_run(model_dir: Path, run_dir: Path, seed: int) -> Path:
-    """A run directory as `medtune train` leaves it (run files written by the loop's own code), holding a LoRA
-    adapter with random, seeded, non-zero weights: it changes the model's outputs without training."""
+    """A run directory as `medtune train` leaves it (its run files written by `Run.save_files`, as training's are),
+    holding a LoRA adapter with random, seeded, non-zero weights: it changes the model's outputs without training."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from medtune.models import load_base_model, load_tokenizer
+    from medtune.run.run import Run
     from medtune.tokenizer import prepare_tokenizer
-    from medtune.train.job import save_run_files
 
     recipe = load_recipe(None, [f"model={model_dir}", "data.max_length=256"])
     tok = load_tokenizer(str(model_dir))
@@ -263,7 +263,7 @@ def make_run(model_dir: Path, run_dir: Path, seed: int) -> Path:
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     run_dir.mkdir(parents=True)
-    save_run_files(run_dir, recipe, tok, chat, str(model_dir))
+    Run(run_dir).save_files(recipe, tok, chat, str(model_dir))
     peft_model.save_pretrained(run_dir)
     return run_dir
 

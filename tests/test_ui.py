@@ -144,15 +144,3 @@ def test_plain_model_has_no_reference_box_but_the_notice(tiny_model_dir):
     by_id = {c["props"].get("elem_id"): c["props"] for c in demo.get_config_file()["components"]
              if c["props"].get("elem_id")}
     assert by_id["reference"]["visible"] is False and "not fact-checked" in by_id["fact-check"]["value"].lower()
-
-
-def test_run_references_come_from_the_runs_samples(tiny_runs, tmp_path):
-    from medtune.ui import run_references
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny_runs["alpha"], run)
-    (run / "samples.json").write_text('[{"prompt": "What is gout?", "base": "a", "tuned": "b"}, '
-                                      '{"prompt": "How is gout treated?", "base": "a", "tuned": "b", '
-                                      '"reference": "NSAIDs first."}]')
-    assert run_references(run) == {"How is gout treated?": "NSAIDs first."}
-    assert run_references(tmp_path) == {}  # not a run

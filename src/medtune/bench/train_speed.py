@@ -63,6 +63,7 @@ from medtune.bench.harness import (
 )
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
+from medtune.run.layout import METRICS
 
 log = logging.getLogger("medtune")
 
@@ -367,7 +368,7 @@ def _medtune_worker(cfg: dict, quantized: bool = False) -> dict:
         overrides += ["quant.load_in_4bit=true", "quant.quant_type=nf4", "quant.double_quant=true"]
     recipe = load_recipe(None, overrides)
     result = run_training(recipe)
-    steps = medtune_steps(result.run_dir / "metrics.jsonl")
+    steps = medtune_steps(result.run_dir / METRICS)
     precision = recipe.train.precision
     if precision == "auto":
         precision = "auto → " + ("bf16" if bf16_supported(torch.device("cpu")) else "fp32")

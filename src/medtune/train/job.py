@@ -6,13 +6,9 @@ Under torchrun / accelerate launch every process runs the job; only rank 0 write
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import yaml
 
 from medtune.data.prepare import PreparedData, prepare_data
 from medtune.errors import MedtuneError
@@ -22,11 +18,9 @@ from medtune.generate import Loaded, generate, user_turn
 from medtune.models import load_tokenizer, resolve_model
 from medtune.recipe import Recipe
 from medtune.run.card import write_card
-from medtune.run.layout import DATA_REPORT, METRICS_FINAL, RECIPE, SAMPLES
-from medtune.run.meta import RunMeta, hardware, versions
-from medtune.tokenizer import ChatSetup, prepare_tokenizer
+from medtune.run.run import Run
+from medtune.tokenizer import prepare_tokenizer
 from medtune.train.checkpoint import writing
-from medtune.train.lock import RunLock, holder, is_locked
 from medtune.train.memory import check_memory, estimate_for_recipe
 from medtune.train.runtime import start_runtime
 from medtune.train.trainer import Trainer
@@ -61,12 +55,13 @@ def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
         check_gate(recipe.gate, held_out=bool(data.eval))
     log.info(check_memory(estimate_for_recipe(recipe, model_dir, runtime.device, runtime.bf16), runtime.device, force))
 
-    run_dir = dist.broadcast(pick_run_dir(recipe) if dist.is_main else None)
-    lock = lock_run(run_dir) if dist.is_main else None
+    run = Run(dist.broadcast(Run.create(recipe).path if dist.is_main else None))
+    run_dir = run.path
+    lock = run.lock() if dist.is_main else None
     try:
         if dist.is_main:
             with writing(run_dir, "the run directory"):
-                (run_dir / DATA_REPORT).write_text(json.dumps(data.report.to_dict(), indent=2), encoding="utf-8")
+                run.write_data_report(data.report.to_dict())
         trainer = Trainer(recipe, runtime, run_dir, model_dir, tok, chat)
         train(trainer, data)
         if not dist.is_main:
@@ -89,8 +84,8 @@ def train(trainer: Trainer, data: PreparedData) -> None:
         precision = ("bf16" if runtime.bf16 else "fp32") + \
             (f", 4-bit {recipe.quant.quant_type} base" if recipe.quant.load_in_4bit else "")
         with writing(trainer.run_dir, "the run directory"):
-            save_run_files(trainer.run_dir, recipe, trainer.tok, trainer.chat, trainer.model_dir, runtime.device,
-                           precision)
+            Run(trainer.run_dir).save_files(recipe, trainer.tok, trainer.chat, trainer.model_dir, runtime.device,
+                                            precision)
     trainer.fit()
     trainer.save_final()
 
@@ -115,8 +110,7 @@ def after_training(trainer: Trainer) -> TrainResult:
     samples = sample_answers(recipe, trainer.loaded(), data) if can_eval else []
     trainer.tracker.plots(metrics)
     trainer.tracker.close()
-    (run_dir / METRICS_FINAL).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    (run_dir / SAMPLES).write_text(json.dumps(samples, indent=2, ensure_ascii=False), encoding="utf-8")
+    Run(run_dir).write_final(metrics, samples)
     write_card(run_dir)
     if recipe.eval.after_train and can_eval:
         after_train(recipe, run_dir, trainer.loaded(), held_out=data.eval, base_perplexity=trainer.base_perplexity)
@@ -165,45 +159,3 @@ def sample_answers(recipe: Recipe, loaded: Loaded, data: PreparedData) -> list[d
                     **({"reference": reference} if reference else {})})
     model.train(was_training)
     return out
-
-
-def pick_run_dir(recipe: Recipe) -> Path:
-    """runs/<name>, or runs/<name>-2, -3 … so an earlier run is never overwritten."""
-    run_dir = recipe.run_dir
-    if is_locked(run_dir):
-        raise MedtuneError(f"another training is using this run directory ({holder(run_dir)})", file=str(run_dir))
-    if recipe.resume or not run_dir.exists() or not any(run_dir.iterdir()):
-        return run_dir
-    if recipe.output_dir:
-        raise MedtuneError("output_dir already holds a run; pass resume=true to continue it or choose another "
-                           "output_dir", file=str(run_dir), field="output_dir")
-    n = 2
-    while (candidate := run_dir.with_name(f"{run_dir.name}-{n}")).exists():
-        n += 1
-    log.info("%s exists; writing this run to %s", run_dir, candidate)
-    return candidate
-
-
-def lock_run(run_dir: Path) -> RunLock:
-    """Create the run directory and take its lock; a folder that cannot be written is one clear error."""
-    try:
-        return RunLock(run_dir).acquire()
-    except OSError as e:
-        raise MedtuneError(f"cannot write the run directory: {e.strerror or e}; choose a writable output_dir",
-                           file=str(run_dir), field="output_dir") from None
-
-
-def save_run_files(run_dir: Path, recipe: Recipe, tok, chat: ChatSetup, model_dir: str, device=None,
-                   precision: str = "fp32") -> None:
-    """Everything later commands need to reload the run exactly as trained."""
-    from transformers import GenerationConfig
-
-    tok.save_pretrained(run_dir)
-    GenerationConfig(eos_token_id=chat.stop_token_ids, pad_token_id=chat.pad_token_id,
-                     bos_token_id=tok.bos_token_id, max_new_tokens=256).save_pretrained(run_dir)
-    (run_dir / RECIPE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
-    RunMeta(base_model=recipe.model, base_model_path=str(Path(model_dir).resolve()), template=chat.template,
-            stop_tokens=chat.stop_tokens, stop_token_ids=chat.stop_token_ids, pad_token=chat.pad_token,
-            pad_token_id=chat.pad_token_id, max_length=recipe.data.max_length, quant=recipe.quant.model_dump(),
-            trust_remote_code=recipe.trust_remote_code, versions=versions(),
-            hardware=hardware(device or torch.device("cpu"), precision)).write(run_dir)
