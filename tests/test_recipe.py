@@ -97,7 +97,7 @@ def test_wrong_value_type_in_the_file(write_file):
 def test_unknown_data_format():
     err = error(None, ["data.format=foo"])
     assert "field 'data.format'" in str(err) and "(got 'foo')" in str(err)
-    assert "'text', 'messages', 'instruction', 'qa', 'template' or 'preference'" in str(err)
+    assert "'text', 'messages', 'instruction', 'qa', 'template', 'preference' or 'feedback'" in str(err)
 
 
 @pytest.mark.parametrize("override, meant", [
@@ -201,8 +201,9 @@ def test_recipe_help_lists_every_key_with_a_description():
     ("train.optimizer", "adamw, adamw_fused, sgd"),
     ("train.lr_scheduler", "linear, cosine, constant, constant_with_warmup"),
     ("report_to", "tensorboard, wandb, mlflow"),
-    ("data.format", "text, messages, instruction, qa, template, preference"),
-    ("train.objective", "sft, dpo, orpo"),
+    ("data.format", "text, messages, instruction, qa, template, preference, feedback"),
+    ("train.objective", "sft, dpo, orpo, simpo, kto"),
+    ("train.dpo_loss_type", "sigmoid, ipo, robust, hinge"),
     ("eval.after_train", "perplexity, medqa, pubmedqa, mmlu_medical, medmcqa, rouge"),
     ("quant.quant_type", "nf4, fp4"),
 ])

@@ -168,12 +168,11 @@ def test_dpo_training_raises_the_margin(tiny_model_dir, tmp_path):
     assert lora_b and all(t.abs().max() > 0 for t in lora_b)
 
 
-def test_objective_and_format_must_agree(tiny_model_dir, tiny_tokenizer):
+def test_objective_and_format_must_agree(tiny_model_dir):
     from medtune.errors import MedtuneError
 
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", "data.path=demo:qa", "data.format=qa", "train.objective=dpo"])
-    with pytest.raises(MedtuneError, match="data.format=preference"):
-        prepare_data(recipe, tiny_tokenizer, prepare_tokenizer(tiny_tokenizer, recipe.tokenizer))
+    with pytest.raises(MedtuneError, match="data.format=preference"):  # a recipe rule: fails before data or model
+        load_recipe(None, [f"model={tiny_model_dir}", "data.path=demo:qa", "data.format=qa", "train.objective=dpo"])
 
 
 def test_bad_preference_row_names_row_and_field(tiny_model_dir, tiny_tokenizer, tmp_path):

@@ -23,7 +23,7 @@ from medtune.errors import MedtuneError
 
 DEMO_FILES = {"terms": "terms.jsonl", "doctor_chats": "doctor_chats.jsonl", "remedies": "remedies.csv", "qa": "qa.jsonl",
               "preferences": "preferences.jsonl", "general": "general.jsonl", "rubrics": "rubrics.jsonl",
-              "benign": "benign.jsonl"}
+              "benign": "benign.jsonl", "feedback": "feedback.jsonl"}
 
 
 @dataclass
