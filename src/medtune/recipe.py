@@ -336,33 +336,62 @@ OBJECTIVE_KEYS = {"dpo_loss_type": ("dpo",), "kto_desirable_weight": ("kto",), "
                   "simpo_gamma": ("simpo",), "precompute_reference": ("dpo",)}
 
 
-def check_objective(recipe: Recipe) -> None:
-    """train.objective and the data and keys it needs agree (pairs for dpo/orpo/simpo, feedback for kto, single
-    answers for sft; each objective's own keys only with it). Runs when a recipe is validated, before any model."""
-    fmt, cfg = recipe.data.format, recipe.train
-    need = OBJECTIVE_FORMATS.get(cfg.objective)
+def objective_matches_format(recipe: Recipe) -> None:
+    """Pairs for dpo/orpo/simpo, feedback rows for kto, single answers for sft."""
+    fmt, objective = recipe.data.format, recipe.train.objective
+    need = OBJECTIVE_FORMATS.get(objective)
     if fmt != need and (need or fmt in OBJECTIVE_FORMATS.values()):
         fits = " or ".join(k for k, v in OBJECTIVE_FORMATS.items() if v == fmt)
-        rule = f"train.objective={cfg.objective} needs data.format={need}" if need else \
+        rule = f"train.objective={objective} needs data.format={need}" if need else \
             f"data.format={fmt} needs train.objective {fits}"
-        raise MedtuneError(f"{rule} (data.format={fmt}, train.objective={cfg.objective})", field="train.objective")
+        raise MedtuneError(f"{rule} (data.format={fmt}, train.objective={objective})", field="train.objective")
+
+
+def objective_keys_apply(recipe: Recipe) -> None:
+    """An objective's own key (OBJECTIVE_KEYS) moved off its default needs that objective."""
+    cfg = recipe.train
     for key, objectives in OBJECTIVE_KEYS.items():
         if cfg.objective not in objectives and getattr(cfg, key) != TrainConfig.model_fields[key].default:
             raise MedtuneError(f"train.{key} is read only by train.objective {' or '.join(objectives)} "
                                f"(train.objective={cfg.objective})", field=f"train.{key}")
+
+
+def label_smoothing_applies(recipe: Recipe) -> None:
+    cfg = recipe.train
     if cfg.label_smoothing and not (cfg.objective == "simpo" or (cfg.objective, cfg.dpo_loss_type) == ("dpo", "robust")):
         raise MedtuneError("train.label_smoothing is read only by train.objective simpo, or dpo with "
                            "train.dpo_loss_type=robust", field="train.label_smoothing")
-    if cfg.objective == "kto" and cfg.batch_size < 2:
+
+
+def kto_batch_has_others(recipe: Recipe) -> None:
+    """KTO's reference point pairs each prompt with another row's answer of the same batch (as TRL requires)."""
+    if recipe.train.objective == "kto" and recipe.train.batch_size < 2:
         raise MedtuneError("kto estimates its reference point from the other answers of a batch; set "
                            "train.batch_size to 2 or more", field="train.batch_size")
-    if need and recipe.data.train_on_prompt:
+
+
+def preference_learns_answers_only(recipe: Recipe) -> None:
+    if recipe.data.format in OBJECTIVE_FORMATS.values() and recipe.data.train_on_prompt:
         raise MedtuneError("preference objectives learn only the answers; set data.train_on_prompt=false",
                            field="data.train_on_prompt")
-    if need and "perplexity" in recipe.eval.after_train:
+
+
+def preference_has_no_perplexity(recipe: Recipe) -> None:
+    fmt = recipe.data.format
+    if fmt in OBJECTIVE_FORMATS.values() and "perplexity" in recipe.eval.after_train:
         what = "preference pairs" if fmt == "preference" else "feedback rows"
         raise MedtuneError(f"eval.after_train perplexity reads single answers, not {what}; drop it or "
                            "run `medtune eval` with --data", field="eval.after_train")
+
+
+OBJECTIVE_RULES = (objective_matches_format, objective_keys_apply, label_smoothing_applies, kto_batch_has_others,
+                   preference_learns_answers_only, preference_has_no_perplexity)
+
+
+def check_objective(recipe: Recipe) -> None:
+    """train.objective and the data and keys it needs agree. Runs when a recipe is validated, before any model."""
+    for rule in OBJECTIVE_RULES:
+        rule(recipe)
 
 
 def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
