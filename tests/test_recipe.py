@@ -16,6 +16,9 @@ from medtune.recipe_rules import (
     after_train_benchmarks_have_files,
     after_train_shots_are_named,
     early_stopping_needs_evaluations,
+    kto_batch_has_others,
+    label_smoothing_applies,
+    objective_keys_apply,
     objective_matches_format,
     preference_has_no_perplexity,
     preference_learns_answers_only,
@@ -109,7 +112,7 @@ def test_wrong_value_type_in_the_file(write_file):
 def test_unknown_data_format():
     err = error(None, ["data.format=foo"])
     assert "field 'data.format'" in str(err) and "(got 'foo')" in str(err)
-    assert "'text', 'messages', 'instruction', 'qa', 'template' or 'preference'" in str(err)
+    assert "'text', 'messages', 'instruction', 'qa', 'template', 'preference' or 'feedback'" in str(err)
 
 
 @pytest.mark.parametrize("override, meant", [
@@ -188,6 +191,10 @@ PREFERENCE = ["data.path=demo:preferences", "data.format=preference", "train.obj
 # Per rule of recipe_rules.RULES: overrides that break it (and no rule before it), and the key its error names.
 BREAKING = {
     objective_matches_format: (["data.path=demo:qa", "data.format=qa", "train.objective=dpo"], "train.objective"),
+    objective_keys_apply: (["train.dpo_loss_type=ipo"], "train.dpo_loss_type"),
+    label_smoothing_applies: ([*PREFERENCE, "train.label_smoothing=0.1"], "train.label_smoothing"),
+    kto_batch_has_others: (["data.path=demo:feedback", "data.format=feedback", "train.objective=kto",
+                            "train.batch_size=1"], "train.batch_size"),
     preference_learns_answers_only: ([*PREFERENCE, "data.train_on_prompt=true"], "data.train_on_prompt"),
     preference_has_no_perplexity: ([*PREFERENCE, "eval.after_train=[perplexity]"], "eval.after_train"),
     early_stopping_needs_evaluations: (["train.early_stopping_patience=2"], "train.early_stopping_patience"),
@@ -278,8 +285,9 @@ def test_recipe_help_lists_every_key_with_a_description():
     ("train.optimizer", "adamw, adamw_fused, sgd"),
     ("train.lr_scheduler", "linear, cosine, constant, constant_with_warmup"),
     ("report_to", "tensorboard, wandb, mlflow"),
-    ("data.format", "text, messages, instruction, qa, template, preference"),
-    ("train.objective", "sft, dpo, orpo"),
+    ("data.format", "text, messages, instruction, qa, template, preference, feedback"),
+    ("train.objective", "sft, dpo, orpo, simpo, kto"),
+    ("train.dpo_loss_type", "sigmoid, ipo, robust, hinge"),
     ("eval.after_train", "perplexity, medqa, pubmedqa, mmlu_medical, medmcqa, rouge"),
     ("quant.quant_type", "nf4, fp4"),
 ])

@@ -60,12 +60,13 @@ class ReplayConfig(Section):
 
 class DataConfig(Section):
     path: str = Field("demo:terms", description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, "
-                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa, preferences, general).")
-    format: Literal["text", "messages", "instruction", "qa", "template", "preference"] = Field(
+                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa, preferences, feedback, general).")
+    format: Literal["text", "messages", "instruction", "qa", "template", "preference", "feedback"] = Field(
         "template", description="How rows become conversations: text (pre-formatted strings), messages (chat turns), "
         "instruction (instruction/input/output), qa (question/answer), template (prompt and response built from columns), "
-        "preference (prompt/chosen/rejected, as strings or chat-turn lists; for train.objective dpo or orpo). "
-        "alpaca and sharegpt are accepted as instruction and messages.")
+        "preference (prompt/chosen/rejected, as strings or chat-turn lists; for train.objective dpo, orpo or simpo), "
+        "feedback (prompt/completion/label: one answer and a reviewer's thumbs up or down, label true/false, yes/no, "
+        "up/down or 1/0; for train.objective kto). alpaca and sharegpt are accepted as instruction and messages.")
     columns: dict[str, str] = Field(default_factory=dict, description="Map medtune's field names to your column names, "
                                     "e.g. {question: Question, answer: Answer}.")
     prompt_template: str | None = Field(None, description="format=template: Jinja text of the user prompt; columns are "
@@ -183,15 +184,37 @@ class TrainConfig(Section):
         "stop", description="A step whose loss or gradient is NaN/Inf: stop (checkpoint the weights before it and say "
         "which step), or skip_batch (drop that batch, no update; stops after 10 bad batches in a row).")
     seed: int = Field(42, ge=0, lt=2**64, description="Seed for data order, dropout and initialisation (0 to 2**64-1).")
-    objective: Literal["sft", "dpo", "orpo"] = Field(
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
         "sft", description="sft: learn the answers (cross-entropy). dpo: raise the likelihood of each chosen answer over "
         "its rejected one relative to the base model (the same model with the adapter off; no second copy). orpo: "
-        "cross-entropy on the chosen answer plus an odds-ratio penalty on the rejected one (no reference). dpo and orpo "
-        "need data.format=preference and train without packing (chosen and rejected of a pair share a batch).")
-    beta: float = Field(0.1, gt=0, description="dpo: the beta of DPO, how far the tuned model may drift from the base; "
+        "cross-entropy on the chosen answer plus an odds-ratio penalty on the rejected one (no reference). simpo: "
+        "the chosen answer's per-token log-likelihood above the rejected one's by a margin (no reference; long answers "
+        "get no advantage). dpo, orpo and simpo need data.format=preference. kto: thumbs up/down on single answers "
+        "(data.format=feedback): raise liked answers and lower disliked ones relative to the base model (adapter off). "
+        "None of them packs (a pair, or a KTO batch with its KL rows, shares a batch).")
+    beta: float = Field(0.1, gt=0, description="dpo and kto: how far the tuned model may drift from the base; "
                         "higher = stays closer to it, lower = follows the preferences more aggressively. orpo: lambda, "
                         "the weight of the odds-ratio term against the cross-entropy; higher = pushes rejected answers "
-                        "down harder.")
+                        "down harder. simpo: the scale of the length-normalised reward (the SimPO paper uses 2 to 10).")
+    dpo_loss_type: Literal["sigmoid", "ipo", "robust", "hinge"] = Field(
+        "sigmoid", description="dpo: the loss on the reward margin, as TRL names it. sigmoid: DPO's own. ipo: squared "
+        "distance of the per-token margin from 1/(2 beta); does not push the margin without bound (less overfitting "
+        "on small data). robust: sigmoid corrected for a share train.label_smoothing of pairs labelled the wrong "
+        "way round. hinge: SLiC's max(0, 1 - beta x margin).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo with dpo_loss_type=robust, or simpo: the share "
+                                   "of pairs believed to be labelled the wrong way round (0 to 0.5). 0 = trust every "
+                                   "label.")
+    precompute_reference: bool = Field(False, description="dpo: compute the reference (adapter off) log-probs of "
+                                       "every training pair once before training instead of in every step: one "
+                                       "forward pass fewer per step, same losses.")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the liked (label true) answers' loss. "
+                                        "Raise it when liked answers are rarer than disliked ones (the KTO paper "
+                                        "keeps weight x count of the two about equal, up to 4:3).")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the disliked (label false) answers' "
+                                          "loss. Raise it when disliked answers are the rarer ones.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin gamma between chosen and "
+                               "rejected answers (TRL's simpo_gamma; the paper's gamma_beta_ratio is gamma / beta). "
+                               "Higher = asks for a wider separation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto = cuda when available.")
 
 

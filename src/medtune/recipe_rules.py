@@ -29,25 +29,59 @@ class RuleBroken(ValueError):
         return self.keys[0]
 
 
+OBJECTIVE_FORMATS = {"dpo": "preference", "orpo": "preference", "simpo": "preference", "kto": "feedback"}
+# train.* keys that only one objective reads, with that objective; the rule: a key moved off its default needs it
+OBJECTIVE_KEYS = {"dpo_loss_type": ("dpo",), "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",),
+                  "simpo_gamma": ("simpo",), "precompute_reference": ("dpo",)}
+
+
 def objective_matches_format(recipe: Recipe) -> None:
-    """dpo/orpo train on preference pairs, sft on single answers: the two settings must agree."""
-    preference, objective = recipe.data.format == "preference", recipe.train.objective
-    if preference != (objective != "sft"):
-        need = "data.format=preference needs train.objective dpo or orpo" if preference else \
-            f"train.objective={objective} needs data.format=preference"
-        raise RuleBroken(f"{need} (data.format={recipe.data.format}, train.objective={objective})",
-                         "train.objective", "data.format")
+    """Pairs for dpo/orpo/simpo, feedback rows for kto, single answers for sft."""
+    fmt, objective = recipe.data.format, recipe.train.objective
+    need = OBJECTIVE_FORMATS.get(objective)
+    if fmt != need and (need or fmt in OBJECTIVE_FORMATS.values()):
+        fits = " or ".join(k for k, v in OBJECTIVE_FORMATS.items() if v == fmt)
+        rule = f"train.objective={objective} needs data.format={need}" if need else \
+            f"data.format={fmt} needs train.objective {fits}"
+        raise RuleBroken(f"{rule} (data.format={fmt}, train.objective={objective})", "train.objective",
+                         "data.format")
+
+
+def objective_keys_apply(recipe: Recipe) -> None:
+    """An objective's own key (OBJECTIVE_KEYS) moved off its default needs that objective."""
+    cfg = recipe.train
+    for key, objectives in OBJECTIVE_KEYS.items():
+        if cfg.objective not in objectives and getattr(cfg, key) != type(cfg).model_fields[key].default:
+            raise RuleBroken(f"train.{key} is read only by train.objective {' or '.join(objectives)} "
+                             f"(train.objective={cfg.objective})", f"train.{key}", "train.objective")
+
+
+def label_smoothing_applies(recipe: Recipe) -> None:
+    cfg = recipe.train
+    if cfg.label_smoothing and not (cfg.objective == "simpo" or (cfg.objective, cfg.dpo_loss_type) == ("dpo", "robust")):
+        raise RuleBroken("train.label_smoothing is read only by train.objective simpo, or dpo with "
+                         "train.dpo_loss_type=robust", "train.label_smoothing", "train.objective",
+                         "train.dpo_loss_type")
+
+
+def kto_batch_has_others(recipe: Recipe) -> None:
+    """KTO's reference point pairs each prompt with another row's answer of the same batch (as TRL requires)."""
+    if recipe.train.objective == "kto" and recipe.train.batch_size < 2:
+        raise RuleBroken("kto estimates its reference point from the other answers of a batch; set "
+                         "train.batch_size to 2 or more", "train.batch_size", "train.objective")
 
 
 def preference_learns_answers_only(recipe: Recipe) -> None:
-    if recipe.data.format == "preference" and recipe.data.train_on_prompt:
+    if recipe.data.format in OBJECTIVE_FORMATS.values() and recipe.data.train_on_prompt:
         raise RuleBroken("preference objectives learn only the answers; set data.train_on_prompt=false",
                          "data.train_on_prompt", "data.format")
 
 
 def preference_has_no_perplexity(recipe: Recipe) -> None:
-    if recipe.data.format == "preference" and "perplexity" in recipe.eval.after_train:
-        raise RuleBroken("eval.after_train perplexity reads single answers, not preference pairs; drop it or "
+    fmt = recipe.data.format
+    if fmt in OBJECTIVE_FORMATS.values() and "perplexity" in recipe.eval.after_train:
+        what = "preference pairs" if fmt == "preference" else "feedback rows"
+        raise RuleBroken(f"eval.after_train perplexity reads single answers, not {what}; drop it or "
                          "run `medtune eval` with --data", "eval.after_train", "data.format")
 
 
@@ -81,7 +115,8 @@ def after_train_shots_are_named(recipe: Recipe) -> None:
                              "eval.after_train")
 
 
-RULES = (objective_matches_format, preference_learns_answers_only, preference_has_no_perplexity,
+RULES = (objective_matches_format, objective_keys_apply, label_smoothing_applies, kto_batch_has_others,
+         preference_learns_answers_only, preference_has_no_perplexity,
          early_stopping_needs_evaluations, samples_from_eval_need_prompts, after_train_benchmarks_have_files,
          after_train_shots_are_named)
 

@@ -170,7 +170,7 @@ def test_dpo_training_raises_the_margin(tiny_model_dir, tmp_path):
     assert lora_b and all(t.abs().max() > 0 for t in lora_b)
 
 
-def test_objective_and_format_must_agree(tiny_model_dir, tiny_tokenizer):
+def test_objective_and_format_must_agree(tiny_model_dir):
     from medtune.errors import MedtuneError
 
     with pytest.raises(MedtuneError, match="data.format=preference"):  # at load_recipe, before any data is read

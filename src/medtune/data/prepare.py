@@ -10,10 +10,10 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from medtune.data.formats import RowError, to_example, to_pair
+from medtune.data.formats import RowError, to_example, to_feedback, to_pair
 from medtune.data.hygiene import clean, hygiene_lines, scan_phi
 from medtune.data.readers import Row, read_rows
-from medtune.data.render import IGNORE, Dropped, Pair, Sample, render
+from medtune.data.render import IGNORE, Dropped, Feedback, Pair, Sample, render
 from medtune.errors import MedtuneError
 from medtune.recipe import DataConfig, DataSource, Recipe
 from medtune.tokenizer import ChatSetup
@@ -94,8 +94,9 @@ def marked_text(tok, sample: Sample) -> str:
     return "".join(pieces)
 
 
-def _halves(samples: list[Sample] | list[Pair]) -> list[Sample]:
-    return [h for s in samples for h in ((s.chosen, s.rejected) if isinstance(s, Pair) else (s,))]
+def _halves(samples: list[Sample] | list[Pair] | list[Feedback]) -> list[Sample]:
+    return [h for s in samples for h in ((s.chosen, s.rejected) if isinstance(s, Pair) else
+                                         (s.sample,) if isinstance(s, Feedback) else (s,))]
 
 
 def _clean_pairs(pairs: list[tuple], cfg, hygiene: dict | None) -> tuple[list[tuple], list[tuple[int, str]]]:
@@ -121,14 +122,15 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats:
     returns each kept row's conversation up to and with its first answer (sample prompts drawn from held-out rows)."""
     cfg = recipe.data
     system = recipe.tokenizer.system_prompt
-    preference = cfg.format == "preference"
+    preference, feedback = cfg.format == "preference", cfg.format == "feedback"
     report = PartReport(rows=len(rows))
     drops: list[tuple[int, str]] = []  # (row, reason), counted in row order
     examples = []
     settings = {}  # (file, row) → that row's data settings, for rendering it after the hygiene checks
     for row, row_cfg in zip(rows, formats, strict=True):
         try:
-            ex = to_pair(row, row_cfg, system) if preference else to_example(row, row_cfg, system)
+            ex = to_pair(row, row_cfg, system) if preference else to_feedback(row, row_cfg, system) if feedback \
+                else to_example(row, row_cfg, system)
         except RowError as e:
             if row_cfg.on_bad_row == "error":
                 raise
@@ -156,7 +158,8 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats:
                                                              last_answer_only=True) for half in ex)
                 sample, truncated = Pair(chosen, rejected), cut_c or cut_r
             else:
-                sample, truncated = render(ex, tok, row_cfg, chat.stop_tokens)
+                sample, truncated = render(ex, tok, row_cfg, chat.stop_tokens, last_answer_only=feedback)
+                sample = Feedback(sample, ex.label) if feedback else sample
         except Dropped as d:
             drops.append((first.row, d.reason))
             continue
@@ -181,8 +184,8 @@ def _first_exchange(ex) -> list[dict] | None:
 
 @dataclass
 class PreparedData:
-    train: list[Sample] | list[Pair]  # Pairs for data.format=preference
-    eval: list[Sample] | list[Pair]
+    train: list[Sample] | list[Pair] | list[Feedback]  # Pairs for data.format=preference, Feedback for feedback
+    eval: list[Sample] | list[Pair] | list[Feedback]
     report: DataReport
     eval_prompts: list[list[dict] | None] = field(default_factory=list)  # each held-out row up to its first answer
     eval_references: list[str | None] = field(default_factory=list)  # that first answer: the sample's reference

@@ -24,7 +24,7 @@ from medtune.model_names import offline
 
 DEMO_FILES = {"terms": "terms.jsonl", "doctor_chats": "doctor_chats.jsonl", "remedies": "remedies.csv", "qa": "qa.jsonl",
               "preferences": "preferences.jsonl", "general": "general.jsonl", "rubrics": "rubrics.jsonl",
-              "benign": "benign.jsonl"}
+              "benign": "benign.jsonl", "feedback": "feedback.jsonl"}
 
 
 @dataclass
