@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medtune-installed
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow test-gpu lint bench clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,14 @@ test: setup
 test-slow: setup
 	$(BIN)/pytest -q -m slow
 
+# GPU tests (tests/gpu, marker `gpu`: QLoRA's CUDA kernels, bf16, packing with SDPA/flash attention, Liger, resume,
+# QLoRA merge, generate/serve, memory estimate vs peak) on a CUDA machine, in their own virtualenv (.venv-gpu) with
+# torch's CUDA build; exits 3 without a GPU. bench/gpu_check.sh (no --tests-only) adds the training bench.
+test-gpu:
+	bash bench/gpu_check.sh --tests-only
+
 lint: setup
 	$(BIN)/ruff check src tests bench
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) .venv-gpu runs build *.egg-info

@@ -146,6 +146,14 @@ def disable_bnb_cpu_inference_path(model) -> int:
     return n
 
 
+def quantized_device_map(device: torch.device) -> dict:
+    """`from_pretrained`'s device_map for a 4-bit base: bitsandbytes quantises each weight on the device it is
+    loaded to. `pick_device` returns `cuda` without an index; {"": None} would load and quantise on the CPU."""
+    if device.type != "cuda":
+        return {"": "cpu"}
+    return {"": device.index if device.index is not None else torch.cuda.current_device()}
+
+
 def load_base_model(model_dir: str, *, dtype: torch.dtype, device: torch.device, quant=None,
                     trust_remote_code: bool = False, attn_implementation: str = "sdpa"):
     """The frozen base model, in `dtype`, or in 4 bits when `quant.load_in_4bit` (QLoRA)."""
@@ -161,7 +169,7 @@ def load_base_model(model_dir: str, *, dtype: torch.dtype, device: torch.device,
             bnb_4bit_compute_dtype=compute,
             # FSDP shards only floating-point tensors: store the packed 4-bit weights in the compute dtype there.
             bnb_4bit_quant_storage=compute if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else torch.uint8)
-        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+        kwargs["device_map"] = quantized_device_map(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except OSError as e:
