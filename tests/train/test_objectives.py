@@ -12,25 +12,40 @@ from medtune.data.batching import pad_collate, pair_collate
 from medtune.data.prepare import prepare_data
 from medtune.errors import MedtuneError
 from medtune.models import add_lora, load_base_model, load_tokenizer
-from medtune.recipe import LoraConfig, load_recipe
+from medtune.recipe import LoraConfig, TrainConfig, load_recipe
 from medtune.tokenizer import prepare_tokenizer
 from medtune.train.objectives import OBJECTIVES, LossModule, evaluate, get_objective
 from medtune.train.objectives.dpo import DPO
+from medtune.train.objectives.kto import KTO
 from medtune.train.objectives.orpo import ORPO
 from medtune.train.objectives.sft import SFT, loss_sum
+from medtune.train.objectives.simpo import SimPO
 
 
 def test_registry_and_what_each_objective_declares():
-    assert set(OBJECTIVES) == {"sft", "dpo", "orpo"}
-    sft, dpo, orpo = (get_objective(n, 0.3) for n in ("sft", "dpo", "orpo"))
+    assert set(OBJECTIVES) == {"sft", "dpo", "orpo", "simpo", "kto"}
+    sft, dpo, orpo = (get_objective(TrainConfig(objective=n, beta=0.3)) for n in ("sft", "dpo", "orpo"))
     assert isinstance(sft, SFT) and isinstance(dpo, DPO) and isinstance(orpo, ORPO)
     assert (dpo.beta, orpo.beta) == (0.3, 0.3) and all(o.name == n for o, n in ((sft, "sft"), (dpo, "dpo"), (orpo, "orpo")))
     assert [o.packable for o in (sft, dpo, orpo)] == [True, False, False]
     assert [o.uses_reference for o in (sft, dpo, orpo)] == [False, True, False]
     assert [o.perplexity for o in (sft, dpo, orpo)] == [True, False, False]
-    with pytest.raises(MedtuneError, match="unknown train.objective 'kto'") as err:
-        get_objective("kto")
+    with pytest.raises(MedtuneError, match="unknown train.objective 'ppo'") as err:
+        get_objective(TrainConfig.model_construct(objective="ppo"))  # past the recipe's own check
     assert err.value.field == "train.objective"
+
+
+def test_simpo_and_kto_declare_and_read_their_keys():
+    simpo = get_objective(TrainConfig(objective="simpo", beta=2.5, simpo_gamma=0.7, label_smoothing=0.1))
+    kto = get_objective(TrainConfig(objective="kto", kto_desirable_weight=1.2, kto_undesirable_weight=0.8), 96)
+    assert simpo == SimPO(2.5, 0.7, 0.1) and kto == KTO(0.1, 1.2, 0.8, 96)
+    assert (simpo.name, kto.name) == ("simpo", "kto")
+    assert [o.packable for o in (simpo, kto)] == [False, False]
+    assert [o.uses_reference for o in (simpo, kto)] == [False, True]
+    assert [o.perplexity for o in (simpo, kto)] == [False, False]
+    assert get_objective(TrainConfig(objective="dpo", dpo_loss_type="robust", label_smoothing=0.2)) == \
+        DPO(0.1, "robust", 0.2)
+    assert SFT.stat_names == () and "kl" in KTO.stat_names and "nll_loss" in ORPO.stat_names
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,7 @@ def train(trainer: Trainer, data: PreparedData) -> None:
     trainer.setup_model()
     trainer.setup_data(data)
     trainer.setup_optimizer()
+    trainer.setup_reference()
     trainer.start_tracking()
     trainer.evaluate_base()
     if trainer.dist.is_main:

@@ -143,7 +143,7 @@ def available_memory(device: torch.device) -> int | None:
 def estimate_for_recipe(recipe, model_dir: str, device: torch.device, bf16: bool) -> MemoryEstimate:
     cfg = recipe.train
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    rows = cfg.batch_size * (1 if cfg.objective == "sft" else 2)  # dpo / orpo: chosen + rejected of each pair
+    rows = cfg.batch_size * (1 if cfg.objective == "sft" else 2)  # pairs: chosen + rejected; kto: answers + KL rows
     return estimate_memory(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32,
                            quantized=recipe.quant.load_in_4bit, double_quant=recipe.quant.double_quant,
                            lora=recipe.lora, batch_size=rows, max_length=recipe.data.max_length,

@@ -3,6 +3,7 @@
     setup_model       base weights (+ QLoRA), LoRA adapter; only the adapter trains
     setup_data        the batch plan and the run's length in optimizer steps
     setup_optimizer   optimizer and schedule; on resume, their state and the data position from the checkpoint
+    setup_reference   train.precompute_reference (dpo): every training pair's reference log-probs, once
     start_tracking    metrics.jsonl and the chosen trackers (rank 0)
     evaluate_base     the base model's held-out figures, before any step
     fit               the steps, with accumulation, the NaN/Inf guard, signals, periodic evaluation and checkpoints
@@ -49,6 +50,7 @@ from medtune.train.distributed import shard
 from medtune.train.early_stopping import EarlyStopping
 from medtune.train.guard import Interrupted, NonFinite, NonFiniteGuard, StopSignals
 from medtune.train.objectives import LossModule, get_objective
+from medtune.train.objectives.reference import ReferenceTable, precompute_reference
 from medtune.train.optim import make_optimizer, make_scheduler, warmup_steps
 from medtune.train.runtime import Runtime
 
@@ -63,7 +65,8 @@ class Step:
     loss_count: float  # what the loss is divided by: loss tokens (sft) or micro-batches
     tokens: float  # real (non-padding) tokens
     grad_norm: float
-    stats: dict[str, float]
+    stats: dict[str, float]  # each summed over the micro-batches that reported it
+    stat_counts: dict[str, int]  # how many micro-batches reported each
     stop: bool  # a signal reached some process during the step
 
 
@@ -76,11 +79,20 @@ class Window:
     tokens: float = 0
     start: float = field(default_factory=time.perf_counter)
     stats: dict[str, float] = field(default_factory=dict)
+    stat_counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, step: Step) -> None:
         self.loss, self.loss_count, self.tokens = self.loss + step.loss, self.loss_count + step.loss_count, \
             self.tokens + step.tokens
-        self.stats = {k: self.stats.get(k, 0.0) + v for k, v in step.stats.items()}
+        add_stats(self.stats, self.stat_counts, step.stats, step.stat_counts)
+
+
+def add_stats(sums: dict[str, float], counts: dict[str, int], more: dict[str, float],
+              more_counts: dict[str, int] | None = None) -> None:
+    """Add statistics into running sums and counts (`more_counts` None: each of `more` counts once)."""
+    for k, v in more.items():
+        sums[k] = sums.get(k, 0.0) + v
+        counts[k] = counts.get(k, 0) + (1 if more_counts is None else more_counts[k])
 
 
 class NoTracker:
@@ -99,7 +111,8 @@ class Trainer:
         self.dist = runtime.dist
         self.autocast = runtime.autocast()
         self.run_dir, self.model_dir, self.tok, self.chat = run_dir, model_dir, tok, chat
-        self.objective = get_objective(self.cfg.objective, self.cfg.beta)
+        self.objective = get_objective(self.cfg, recipe.data.max_length)
+        self.reference: ReferenceTable | None = None  # train.precompute_reference (setup_reference)
         self.can_eval = self.dist.is_main and not self.dist.sharded  # evaluation calls the model outside an engine
         self.state = TrainState(step=0, base_eval={})
         self.tracker: RunDir | NoTracker = NoTracker()
@@ -153,6 +166,19 @@ class Trainer:
             if self.dist.is_main:
                 trim_metrics(self.run_dir, self.state.step)
             log.info("resuming from %s (step %d of %d)", ckpt, self.state.step, self.total_steps)
+
+    def setup_reference(self) -> None:
+        """train.precompute_reference (dpo): the reference (adapter off) log-probs of every training pair, computed
+        once with the first epoch's batches; each step then takes its pairs' from the table instead of a second
+        forward pass. Resume computes the table again (the reference never changes: the same values)."""
+        if not self.cfg.precompute_reference:
+            return
+        start = time.perf_counter()
+        self.reference = precompute_reference(self.objective, self.model, self.data.train, self.plan,
+                                              self.chat.pad_token_id, self.recipe.tokenizer.padding_side,
+                                              self.autocast, self.runtime.device)
+        log.info("reference log-probs of %d training pairs computed in %.1f s (train.precompute_reference)",
+                 len(self.data.train), time.perf_counter() - start)
 
     def start_tracking(self) -> None:
         """metrics.jsonl and the recipe's trackers, on rank 0; after resume has cut metrics.jsonl to its step."""
@@ -243,8 +269,11 @@ class Trainer:
         """Endless micro-batches across epochs, starting after `start` already-consumed ones (resume)."""
         epoch, skip = divmod(start, len(self.plan))
         while True:
-            yield from iterate(self.data.train, self.plan, epoch, self.chat.pad_token_id,
-                               self.recipe.tokenizer.padding_side, skip=skip)
+            batches = iterate(self.data.train, self.plan, epoch, self.chat.pad_token_id,
+                              self.recipe.tokenizer.padding_side, skip=skip)
+            if self.reference is not None:  # each batch brings its pairs' reference log-probs
+                batches = map(self.reference.attach, batches, self.plan.batches(epoch)[skip:])
+            yield from batches
             epoch, skip = epoch + 1, 0
 
     def _step(self, batches: Iterator[Batch], guard: NonFiniteGuard, signals: StopSignals) -> Step | None:
@@ -254,14 +283,13 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         micro = [next(batches).to(self.runtime.device) for _ in range(cfg.grad_accum)]
         (n_loss,) = dist.sum([sum(self.objective.loss_count(b) for b in micro)])
-        step_loss, step_stats = 0.0, {}
+        step_loss, step_stats, stat_counts = 0.0, {}, {}
         for b in micro:
             with dist.accumulate(self.engine):
                 loss, stats = self.engine(b)
                 dist.backward(loss, n_loss, cfg.grad_accum)
             step_loss += loss.item()
-            for k, v in stats.items():
-                step_stats[k] = step_stats.get(k, 0.0) + v
+            add_stats(step_stats, stat_counts, stats)
         grad_norm = dist.clip_grad_norm(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         step_loss, real, stop = dist.sum([step_loss, sum(b.num_tokens for b in micro),
                                           float(signals.signum is not None)])
@@ -283,7 +311,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return Step(step_loss, n_loss, real, grad_norm, step_stats, bool(stop))
+        return Step(step_loss, n_loss, real, grad_norm, step_stats, stat_counts, bool(stop))
 
     def _log(self, step: Step, bar) -> None:
         """Add the step to the window; every logging_steps (and at the end) log its averages and open a new one;
@@ -306,10 +334,10 @@ class Trainer:
         out = {"loss": w.loss / w.loss_count, "learning_rate": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "tokens_per_s": w.tokens / (time.perf_counter() - w.start), "tokens_seen": self.tokens_seen,
                "epoch": self.state.step / self.steps_per_epoch}
-        if w.stats:
-            names = sorted(w.stats)
-            sums = self.dist.sum([w.stats[k] for k in names])
-            out |= {k: v / w.loss_count for k, v in zip(names, sums, strict=True)}
+        names = self.objective.stat_names  # the same list on every process, whatever its batches reported
+        if names:
+            totals = self.dist.sum([w.stats.get(k, 0.0) for k in names] + [w.stat_counts.get(k, 0) for k in names])
+            out |= {k: v / n for k, v, n in zip(names, totals[: len(names)], totals[len(names):], strict=True) if n}
         return out
 
     def _stops_early(self, stopper: EarlyStopping) -> bool:

@@ -14,6 +14,10 @@ import torch
 
 from medtune.data.batching import Batch, pair_collate
 from medtune.data.render import Pair
+from medtune.recipe import TrainConfig
+
+PAIR_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+              "logps/rejected")  # what losses.preference_stats reports, as TRL names it
 
 
 class Objective(Protocol):
@@ -21,6 +25,11 @@ class Objective(Protocol):
     packable: ClassVar[bool]  # rows may be packed into shared sequences (train.packing)
     uses_reference: ClassVar[bool]  # the loss compares with the base model (the LoRA adapter switched off)
     perplexity: ClassVar[bool]  # held-out figures are a perplexity over single answers (base: eval.perplexity)
+    stat_names: ClassVar[tuple[str, ...]]  # every statistic `loss` may report; a batch may leave some out (kto)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, max_length: int | None = None) -> Objective:
+        """The objective as the recipe's train section (and data.max_length) configures it."""
 
     def row_length(self, row) -> int:
         """The length batching plans with."""
@@ -33,7 +42,8 @@ class Objective(Protocol):
         divides the summed loss of its micro-batches (all processes) by the sum of their counts."""
 
     def loss(self, model, batch: Batch, autocast) -> tuple[torch.Tensor, dict[str, float]]:
-        """(the batch's loss, summed or mean as `loss_count` says; its statistics as floats, summed per step)."""
+        """(the batch's loss, summed or mean as `loss_count` says; its statistics as floats, each averaged over the
+        micro-batches that report it)."""
 
     def evaluate(self, model, rows: list, *, pad_id: int, batch_size: int, autocast, device=None) -> dict[str, float]:
         """Held-out figures over non-empty `rows`: eval_loss and the objective's own."""
@@ -41,14 +51,20 @@ class Objective(Protocol):
 
 @dataclass(frozen=True)
 class BatchMeanObjective:
-    """Shared by objectives whose loss is the batch's mean (dpo, orpo): never packed, each micro-batch counts 1, so
-    a step averages its micro-batches. Rows are preference pairs (batch_size pairs = 2N rows, `pair_collate`); an
-    objective on single rows overrides `row_length` and `collate`. Subclasses set `name` and write `loss`."""
+    """Shared by objectives whose loss is the batch's mean (dpo, orpo, simpo, kto): never packed, each micro-batch
+    counts 1, so a step averages its micro-batches. Rows are preference pairs (batch_size pairs = 2N rows,
+    `pair_collate`); an objective on single rows overrides `row_length` and `collate`. Subclasses set `name` and
+    write `loss`; one with keys of its own overrides `from_config`."""
 
     beta: float = 0.1
     packable: ClassVar[bool] = False
     uses_reference: ClassVar[bool] = False
     perplexity: ClassVar[bool] = False
+    stat_names: ClassVar[tuple[str, ...]] = PAIR_STATS
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, max_length: int | None = None) -> BatchMeanObjective:
+        return cls(cfg.beta)
 
     def row_length(self, row: Pair) -> int:
         return row.length
@@ -63,7 +79,7 @@ class BatchMeanObjective:
         raise NotImplementedError
 
     def evaluate(self, model, rows: list, *, pad_id: int, batch_size: int, autocast, device=None) -> dict[str, float]:
-        """The loss and the statistics, each averaged over the held-out batches."""
+        """The loss averaged over the held-out batches; each statistic over the batches that report it."""
         was_training = model.training
         model.eval()
         with torch.no_grad():
@@ -72,15 +88,10 @@ class BatchMeanObjective:
             results = [self.loss(model, b, autocast) for b in batches]
         model.train(was_training)
         out = {"eval_loss": sum(loss.item() for loss, _ in results) / len(results)}
-        return out | {f"eval_{k}": sum(st[k] for _, st in results) / len(results) for k in results[0][1]}
-
-
-def reward_stats(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict[str, torch.Tensor]:
-    """The statistics preference objectives report, as TRL names them."""
-    return {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": chosen_logps.detach().mean(), "logps/rejected": rejected_logps.detach().mean()}
+        for k in dict.fromkeys(k for _, st in results for k in st):
+            values = [st[k] for _, st in results if k in st]
+            out[f"eval_{k}"] = sum(values) / len(values)
+        return out
 
 
 def as_floats(stats: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from medtune.data.batching import Batch
-from medtune.train.objectives.base import BatchMeanObjective, as_floats, reward_stats
+from medtune.train.objectives.base import PAIR_STATS, BatchMeanObjective, as_floats
 from medtune.train.objectives.logps import token_logps
+from medtune.train.objectives.losses import preference_stats
 
 
 def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, nll: torch.Tensor,
@@ -29,13 +30,14 @@ def orpo_loss(chosen_mean: torch.Tensor, rejected_mean: torch.Tensor, nll: torch
     log_odds = (chosen_mean - rejected_mean) - (torch.log1p(-chosen_mean.exp()) - torch.log1p(-rejected_mean.exp()))  # (N,)
     ratio = F.logsigmoid(log_odds)  # (N,)
     loss = nll - lam * ratio.mean()
-    stats = reward_stats(lam * chosen_mean.detach(), lam * rejected_mean.detach(), chosen_mean, rejected_mean)
+    stats = preference_stats(lam * chosen_mean.detach(), lam * rejected_mean.detach(), chosen_mean, rejected_mean)
     return loss, {**stats, "nll_loss": nll.detach(), "log_odds_ratio": ratio.mean().detach()}
 
 
 @dataclass(frozen=True)
 class ORPO(BatchMeanObjective):
     name: ClassVar[str] = "orpo"
+    stat_names: ClassVar[tuple[str, ...]] = (*PAIR_STATS, "nll_loss", "log_odds_ratio")
 
     def loss(self, model, batch: Batch, autocast) -> tuple[torch.Tensor, dict[str, float]]:
         """The batch's mean ORPO loss and its statistics. `model`: the peft model in training."""

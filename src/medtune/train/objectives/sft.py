@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from medtune.data.batching import Batch, pad_collate
 from medtune.data.render import IGNORE, Sample
 from medtune.eval.perplexity import held_out
+from medtune.recipe import TrainConfig
 from medtune.train.loss import chunked_cross_entropy_sum
 
 
@@ -46,6 +47,11 @@ class SFT:
     packable: ClassVar[bool] = True
     uses_reference: ClassVar[bool] = False
     perplexity: ClassVar[bool] = True
+    stat_names: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, max_length: int | None = None) -> SFT:
+        return cls()
 
     def row_length(self, row: Sample) -> int:
         return len(row.input_ids)
