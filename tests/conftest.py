@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from fake_judge_server import FakeJudge
 
+from medtune.recipe import Recipe, load_recipe
+
 # Set before anything imports huggingface_hub / transformers (they read some of these at import time).
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -39,6 +41,9 @@ if not os.environ.get("MEDTUNE_HOME"):
     atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
+# Real medical data beside the repository (../shared/data), or wherever $MEDTUNE_SHARED_DATA points (a checkout
+# elsewhere); the tests that read it skip when it is not there.
+SHARED_DATA = Path(os.environ.get("MEDTUNE_SHARED_DATA") or REPO.parent / "shared" / "data")
 DEMO_DATA = REPO / "src" / "medtune" / "demo_data"
 # The demo files the tiny tokenizer learns from: a fixed set, so that shipping new demo data does not change its
 # vocabulary (and with it every golden loss computed on the tiny model).
@@ -172,18 +177,37 @@ def write_file(tmp_path) -> Callable[[str, str | bytes], Path]:
     return write
 
 
+# ---- tiny training runs -----------------------------------------------------------------------------------------
+
+# The tiny LoRA run training tests start from, as `key=value` overrides: 24 rows of demo:qa (a quarter held out),
+# 5 fp32 steps of 4 unpacked examples at lr 1e-2, LoRA r 4 without dropout, seed 42, a loss logged every step.
+# tests/train/test_loop.py's golden losses are this run's; a test that needs another run says how it differs.
+TINY = ("data.path=demo:qa", "data.format=qa", "data.limit=24", "data.max_length=128", "data.eval_ratio=0.25",
+        "train.max_steps=5", "train.batch_size=4", "train.precision=fp32", "train.logging_steps=1", "train.lr=1e-2",
+        "lora.dropout=0", "lora.r=4", "train.seed=42", "train.packing=false")
+
+
+def tiny_recipe(model_dir, out, *extra: str) -> Recipe:
+    """TINY on the model at `model_dir`, written to `out`, then `extra` overrides (a key given again wins)."""
+    return load_recipe(None, [f"model={model_dir}", f"output_dir={out}", *TINY, *extra])
+
+
+def losses(run_dir: Path) -> list[float]:
+    """The training losses a run logged, step by step."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
 @pytest.fixture(scope="session")
 def tiny_run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A finished 3-step LoRA run on the tiny LLaMA (ChatML, a system prompt, lr high enough to move the adapter).
     Shared by the shipping tests (merge, export, ui, push); treat it as read-only."""
-    from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa",
-                                "data.limit=16", "data.max_length=96", "data.eval_ratio=0", "train.max_steps=3",
-                                "train.batch_size=4", "train.precision=fp32", "train.lr=5e-2", "lora.dropout=0",
-                                "lora.r=4", "train.seed=0", "tokenizer.system_prompt=Answer briefly."])
+    recipe = tiny_recipe(tiny_model_dir, out, "data.limit=16", "data.max_length=96", "data.eval_ratio=0",
+                         "train.max_steps=3", "train.lr=5e-2", "train.seed=0", "train.logging_steps=10",
+                         "train.packing=true", "tokenizer.system_prompt=Answer briefly.")
     return run_training(recipe).run_dir
 
 
@@ -218,15 +242,14 @@ def train_full(model_dir: Path, texts: list[str], out: Path, *, steps: int, lr: 
 # ---- tiny runs with LoRA adapters and a live server on loopback (tests/serve, tests/bench) ----------------
 
 def make_run(model_dir: Path, run_dir: Path, seed: int) -> Path:
-    """A run directory as `medtune train` leaves it (run files written by the loop's own code), holding a LoRA
-    adapter with random, seeded, non-zero weights: it changes the model's outputs without training."""
+    """A run directory as `medtune train` leaves it (its run files written by `Run.save_files`, as training's are),
+    holding a LoRA adapter with random, seeded, non-zero weights: it changes the model's outputs without training."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from medtune.models import load_base_model, load_tokenizer
-    from medtune.recipe import load_recipe
+    from medtune.run.run import Run
     from medtune.tokenizer import prepare_tokenizer
-    from medtune.train.loop import _save_run_files
 
     recipe = load_recipe(None, [f"model={model_dir}", "data.max_length=256"])
     tok = load_tokenizer(str(model_dir))
@@ -240,7 +263,7 @@ def make_run(model_dir: Path, run_dir: Path, seed: int) -> Path:
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     run_dir.mkdir(parents=True)
-    _save_run_files(run_dir, recipe, tok, chat, str(model_dir))
+    Run(run_dir).save_files(recipe, tok, chat, str(model_dir))
     peft_model.save_pretrained(run_dir)
     return run_dir
 

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_recipe
 
 from medtune.cli import build_parser, main
 from medtune.recipe import load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -40,12 +41,10 @@ def subprocess_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A tiny LoRA run (2 steps), like tests/train/test_loop.py's `tiny_recipe`."""
+    """A tiny LoRA run: conftest's, 2 steps, packed, a loss logged every 10 steps."""
     out = tmp_path_factory.mktemp("cli-run") / "tiny"
-    result = run_training(load_recipe(None, [
-        f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa", "data.limit=24",
-        "data.max_length=128", "data.eval_ratio=0.25", "train.max_steps=2", "train.batch_size=4",
-        "train.precision=fp32", "train.lr=1e-2", "lora.dropout=0", "lora.r=4", "train.seed=42"]))
+    result = run_training(tiny_recipe(tiny_model_dir, out, "train.max_steps=2", "train.logging_steps=10",
+                                      "train.packing=true"))
     assert result.metrics["steps"] == 2
     return result.run_dir
 
@@ -397,11 +396,11 @@ def test_side_by_side_keeps_every_word_in_its_column():
 
 def test_train_prints_the_perplexity_the_card_shows(monkeypatch, capsys, tmp_path):
     from medtune.run.card import results
-    from medtune.train import loop
+    from medtune.train import job
 
     metrics = {"steps": 10, "train_seconds": 3.0, "tokens_per_s": 100.0, "train_loss": 2.0, "base_eval_ppl": 15.544,
                "eval_ppl": 8.4173, "base_eval_loss": 2.74, "eval_loss": 2.13}
-    monkeypatch.setattr(loop, "run_training", lambda recipe, force=False: loop.TrainResult(tmp_path, metrics, []))
+    monkeypatch.setattr(job, "run_training", lambda recipe, force=False: job.TrainResult(tmp_path, metrics, []))
     code, out, err = run_cli(capsys, "train", QUICKSTART)
     assert code == 0, err
     assert "held-out perplexity: base 15.54 -> tuned 8.417" in out

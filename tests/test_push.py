@@ -16,6 +16,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load as load_safetensors
 
 from medtune.cli import main
@@ -233,8 +234,7 @@ PLANTED = {"US_SSN": "512-37-4829", "MRN": "MRN 00482913", "EMAIL_ADDRESS": "jan
 def phi_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
     """A 2-step run whose FIRST row holds an SSN, a record number, an email and a phone (data.phi=report, the
     default, trains on them), decontaminated against a benchmark file given by absolute path (a list value)."""
-    from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     root = tmp_path_factory.mktemp("phi-run")
     bench_dir = root / "private-benchmarks"
@@ -249,10 +249,9 @@ def phi_run(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
              for i in range(7)]
     data = root / "notes.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={root / 'run'}", f"data.path={data}",
-                                "data.format=qa", "data.max_length=128", "data.eval_ratio=0", "train.max_steps=2",
-                                "train.batch_size=4", "train.precision=fp32", "lora.r=4", "train.seed=0",
-                                f"data.decontaminate={json.dumps([f'medqa={bench}'])}"])
+    recipe = tiny_recipe(tiny_model_dir, root / "run", f"data.path={data}", "data.limit=null", "data.eval_ratio=0",
+                         "train.max_steps=2", "train.seed=0", "train.lr=2e-4", "train.logging_steps=10",
+                         "train.packing=true", "lora.dropout=0.05", f"data.decontaminate={json.dumps([f'medqa={bench}'])}")
     return run_training(recipe).run_dir, bench
 
 

@@ -27,7 +27,8 @@ from medtune.data.batching import Batch, pad_collate  # noqa: E402
 from medtune.data.render import IGNORE, Sample  # noqa: E402
 from medtune.models import add_lora, load_base_model  # noqa: E402
 from medtune.recipe import LoraConfig, QuantConfig  # noqa: E402
-from medtune.train.loop import evaluate, loss_sum  # noqa: E402
+from medtune.train.objectives import evaluate  # noqa: E402
+from medtune.train.objectives.sft import loss_sum  # noqa: E402
 
 CPU = torch.device("cpu")
 QUANT = QuantConfig(load_in_4bit=True, quant_type="nf4", double_quant=True, compute_dtype="float32")

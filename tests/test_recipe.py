@@ -6,9 +6,24 @@ from pathlib import Path
 
 import pytest
 
+from medtune.cli import main
 from medtune.data.readers import demo_path
 from medtune.errors import MedtuneError
+from medtune.eval.inputs import eval_recipe
 from medtune.recipe import DEFAULT_MODEL, Recipe, load_recipe, parse_overrides, recipe_help
+from medtune.recipe_rules import (
+    RULES,
+    after_train_benchmarks_have_files,
+    after_train_shots_are_named,
+    early_stopping_needs_evaluations,
+    kto_batch_has_others,
+    label_smoothing_applies,
+    objective_keys_apply,
+    objective_matches_format,
+    preference_has_no_perplexity,
+    preference_learns_answers_only,
+    samples_from_eval_need_prompts,
+)
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -97,7 +112,7 @@ def test_wrong_value_type_in_the_file(write_file):
 def test_unknown_data_format():
     err = error(None, ["data.format=foo"])
     assert "field 'data.format'" in str(err) and "(got 'foo')" in str(err)
-    assert "'text', 'messages', 'instruction', 'qa', 'template' or 'preference'" in str(err)
+    assert "'text', 'messages', 'instruction', 'qa', 'template', 'preference' or 'feedback'" in str(err)
 
 
 @pytest.mark.parametrize("override, meant", [
@@ -170,6 +185,75 @@ def test_text_overrides_stay_text(override, field, value):
     assert getattr(section, field) == value
 
 
+# ---- the rules between keys ----------------------------------------------------------------------------------------
+
+PREFERENCE = ["data.path=demo:preferences", "data.format=preference", "train.objective=dpo"]
+# Per rule of recipe_rules.RULES: overrides that break it (and no rule before it), and the key its error names.
+BREAKING = {
+    objective_matches_format: (["data.path=demo:qa", "data.format=qa", "train.objective=dpo"], "train.objective"),
+    objective_keys_apply: (["train.dpo_loss_type=ipo"], "train.dpo_loss_type"),
+    label_smoothing_applies: ([*PREFERENCE, "train.label_smoothing=0.1"], "train.label_smoothing"),
+    kto_batch_has_others: (["data.path=demo:feedback", "data.format=feedback", "train.objective=kto",
+                            "train.batch_size=1"], "train.batch_size"),
+    preference_learns_answers_only: ([*PREFERENCE, "data.train_on_prompt=true"], "data.train_on_prompt"),
+    preference_has_no_perplexity: ([*PREFERENCE, "eval.after_train=[perplexity]"], "eval.after_train"),
+    early_stopping_needs_evaluations: (["train.early_stopping_patience=2"], "train.early_stopping_patience"),
+    samples_from_eval_need_prompts: (["data.format=text", "samples.from_eval=1"], "samples.from_eval"),
+    after_train_benchmarks_have_files: (["eval.after_train=[perplexity, medqa]"], "eval.medqa"),
+    after_train_shots_are_named: (["eval.after_train=[medqa]", "eval.medqa=medqa.jsonl", "eval.fewshot=3"],
+                                  "eval.fewshot_data"),
+}
+
+
+def test_every_rule_has_a_recipe_that_breaks_it():
+    assert list(BREAKING) == list(RULES)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """medtune.models' loaders fail the test when called: a recipe mistake must stop medtune before them."""
+    import medtune.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the recipe's rules were checked")
+
+    for name in ("resolve_model", "load_tokenizer", "load_base_model"):
+        monkeypatch.setattr(medtune.models, name, refuse)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.__name__)
+def test_a_broken_rule_stops_train_and_data_check_before_any_model_loads(rule, no_model, write_file, tmp_path, capsys):
+    overrides, field = BREAKING[rule]
+    path = write_file("rules.yaml", "name: rules\n")
+    assert error(None, overrides).field == field
+    for command in (["train"], ["data", "check"]):
+        assert main([*command, str(path), f"model={tmp_path / 'no-model'}", *overrides]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"medtune: error: {path} (command line), field '{field}': ") and err.count("\n") == 1
+
+
+def test_a_broken_rule_in_the_file_names_the_file(write_file):
+    path = write_file("dpo.yaml", "data:\n  format: qa\ntrain:\n  objective: dpo\n")
+    assert str(error(path)) == (f"{path}, field 'train.objective': train.objective=dpo needs data.format=preference "
+                                "(data.format=qa, train.objective=dpo)")
+    assert str(error(path, ["data.format=instruction"])).startswith(f"{path} (command line), field 'train.objective'")
+
+
+def test_rules_hold_for_the_defaults_and_what_fixes_them():
+    assert load_recipe(None) == Recipe()
+    fixed = load_recipe(None, [*PREFERENCE, "eval.after_train=[]", "train.early_stopping_patience=2",
+                               "train.eval_steps=5", "eval.fewshot=3", "eval.after_train=[medqa]",
+                               "eval.medqa=medqa.jsonl", "eval.fewshot_data={medqa: shots.jsonl}"])
+    assert fixed.train.objective == "dpo" and fixed.eval.fewshot_data == {"medqa": "shots.jsonl"}
+
+
+def test_evaluating_a_run_on_plain_text_ignores_its_sample_prompts(write_file):
+    """`medtune eval RUN --data notes.txt data.format=text` reads the run's recipe: its samples.from_eval, a
+    training setting, must not refuse the text format evaluation asked for."""
+    recipe = write_file("run.yaml", "data:\n  format: qa\nsamples:\n  from_eval: 2\n")
+    assert eval_recipe("model", "notes.txt", str(recipe), ["data.format=text"]).data.format == "text"
+
+
 # ---- help -----------------------------------------------------------------------------------------------------------
 
 def flat_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -201,8 +285,9 @@ def test_recipe_help_lists_every_key_with_a_description():
     ("train.optimizer", "adamw, adamw_fused, sgd"),
     ("train.lr_scheduler", "linear, cosine, constant, constant_with_warmup"),
     ("report_to", "tensorboard, wandb, mlflow"),
-    ("data.format", "text, messages, instruction, qa, template, preference"),
-    ("train.objective", "sft, dpo, orpo"),
+    ("data.format", "text, messages, instruction, qa, template, preference, feedback"),
+    ("train.objective", "sft, dpo, orpo, simpo, kto"),
+    ("train.dpo_loss_type", "sigmoid, ipo, robust, hinge"),
     ("eval.after_train", "perplexity, medqa, pubmedqa, mmlu_medical, medmcqa, rouge"),
     ("quant.quant_type", "nf4, fp4"),
 ])

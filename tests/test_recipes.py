@@ -12,14 +12,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 from safetensors.torch import load_file
 
 from medtune.recipe import load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted([*REPO.glob("recipes/*.yaml"), *REPO.glob("recipes/*.yml")])
-SHARED = Path("/work/shared/data/train")
+SHARED = SHARED_DATA / "train"
 COMMENTED_SECTIONS = ("data", "lora", "quant", "train", "eval")
 
 SEED_000 = "llama2-7b-qlora-wiki-terms.yaml"
@@ -28,7 +29,7 @@ HOME_REMEDIES = "llama2-7b-chat-qlora-home-remedies.yaml"
 MEDQA = "llama3.2-3b-lora-medqa.yaml"
 QUICKSTART = "quickstart.yaml"
 QUICKSTART_SAFETY = "quickstart-safety.yaml"
-MEDSAFETYBENCH = Path("/work/shared/data/safety/medsafetybench/train")
+MEDSAFETYBENCH = SHARED_DATA / "safety" / "medsafetybench" / "train"
 
 
 def test_recipes_are_found():

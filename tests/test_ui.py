@@ -9,11 +9,12 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import tiny_recipe
 
 from medtune.generate import generate, load_for_inference, user_turn
 from medtune.ui import build_ui, stream_answer
 
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = shutil.which("chromium")  # Debian's (CI installs it: apt-get install chromium)
 ARTIFACTS = Path(__file__).parent / "artifacts"
 PROMPT = "What are the symptoms of asthma?"
 
@@ -25,13 +26,11 @@ def free_port() -> int:
 
 
 def _train(base, out, data, steps):
-    from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
-    return run_training(load_recipe(None, [
-        f"model={base}", f"output_dir={out}", f"data.path={data}", "data.format=qa", "data.max_length=64",
-        "data.eval_ratio=0", f"train.max_steps={steps}", "train.batch_size=4", "train.precision=fp32", "train.lr=1e-2",
-        "lora.dropout=0", "lora.r=8", "train.seed=0", "train.eval_before=false"])).run_dir
+    return run_training(tiny_recipe(base, out, f"data.path={data}", "data.limit=null", "data.max_length=64",
+                                    "data.eval_ratio=0", f"train.max_steps={steps}", "train.logging_steps=10",
+                                    "train.packing=true", "lora.r=8", "train.seed=0", "train.eval_before=false")).run_dir
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def serve(demo):
     return f"http://127.0.0.1:{port}"
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium on PATH (apt-get install chromium)")
 def test_browser_sees_base_and_tuned_answers(loaded_run, tmp_path):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
     knobs = dict(max_new_tokens=256, temperature=0.0, top_p=0.95)  # the page's defaults
@@ -145,15 +144,3 @@ def test_plain_model_has_no_reference_box_but_the_notice(tiny_model_dir):
     by_id = {c["props"].get("elem_id"): c["props"] for c in demo.get_config_file()["components"]
              if c["props"].get("elem_id")}
     assert by_id["reference"]["visible"] is False and "not fact-checked" in by_id["fact-check"]["value"].lower()
-
-
-def test_run_references_come_from_the_runs_samples(tiny_runs, tmp_path):
-    from medtune.ui import run_references
-
-    run = tmp_path / "run"
-    shutil.copytree(tiny_runs["alpha"], run)
-    (run / "samples.json").write_text('[{"prompt": "What is gout?", "base": "a", "tuned": "b"}, '
-                                      '{"prompt": "How is gout treated?", "base": "a", "tuned": "b", '
-                                      '"reference": "NSAIDs first."}]')
-    assert run_references(run) == {"How is gout treated?": "NSAIDs first."}
-    assert run_references(tmp_path) == {}  # not a run

@@ -40,7 +40,7 @@ def cmd_train(args) -> int:
         from medtune.train.distributed import launch
 
         launch(args.nproc, ["train", args.recipe, *args.overrides, *(["--force"] if args.force else [])])
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     result = run_training(recipe, force=args.force)
     if not result.main:

@@ -15,9 +15,8 @@ import torch
 from medtune.errors import MedtuneError
 from medtune.gguf_model import GgufModel, load_gguf
 from medtune.models import bf16_supported, load_base_model, load_tokenizer, pick_device, resolve_model
-from medtune.recipe import QuantConfig, TokenizerConfig
-from medtune.run.adapter import check_adapter
-from medtune.run.meta import is_run_dir, read_run_meta
+from medtune.recipe import TokenizerConfig
+from medtune.run.run import Run
 from medtune.tokenizer import prepare_tokenizer
 
 # Repetition control of `generate` (samples at the end of training, generate, chat, compare, ui; not serve, which
@@ -47,35 +46,28 @@ class Loaded:
 
 def load_for_inference(model_or_run: str, *, device: str = "auto", precision: str = "auto",
                        template: str = "auto", max_length: int = 2048) -> Loaded:
-    if str(model_or_run).endswith(".gguf"):  # llama.cpp runs it, with the GGUF's own chat template
+    """A .gguf file (llama.cpp, its own chat template), a run directory (its base + adapter, tokenizer, stops and
+    max_length: `Run.load`) or a model name/folder (`template` decides its chat template)."""
+    if str(model_or_run).endswith(".gguf"):
         return load_gguf(model_or_run)
     dev = pick_device(device)
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
     dtype = torch.bfloat16 if use_bf16 else torch.float32
-    if is_run_dir(model_or_run):
-        from peft import PeftModel
-
-        check_adapter(model_or_run)
-        meta = read_run_meta(model_or_run)
-        tok = load_tokenizer(model_or_run)
-        base = load_base_model(meta.base_model_path, dtype=dtype, device=dev, quant=QuantConfig(**meta.quant),
-                               trust_remote_code=meta.trust_remote_code)
-        if len(tok) > base.get_input_embeddings().num_embeddings:
-            base.resize_token_embeddings(len(tok))
-        model = PeftModel.from_pretrained(base, model_or_run)
-        stops, pad, max_length = meta.stop_token_ids, meta.pad_token_id, meta.max_length
-        name, has_adapter = str(model_or_run), True
-    else:
-        path = resolve_model(model_or_run)
-        tok = load_tokenizer(path)
-        chat = prepare_tokenizer(tok, TokenizerConfig(template=template))
-        model = load_base_model(path, dtype=dtype, device=dev)
-        if chat.added_tokens:
-            model.resize_token_embeddings(len(tok))
-        stops, pad = chat.stop_token_ids, chat.pad_token_id
-        name, has_adapter = model_or_run, False
+    autocast = torch.bfloat16 if use_bf16 else None
+    run = Run(model_or_run)
+    if run.is_run:
+        model, tok = run.load(dtype=dtype, device=dev)
+        meta = run.meta
+        return Loaded(model, tok, meta.stop_token_ids, meta.pad_token_id, str(model_or_run), True, meta.max_length,
+                      autocast)
+    path = resolve_model(model_or_run)
+    tok = load_tokenizer(path)
+    chat = prepare_tokenizer(tok, TokenizerConfig(template=template))
+    model = load_base_model(path, dtype=dtype, device=dev)
+    if chat.added_tokens:
+        model.resize_token_embeddings(len(tok))
     model.eval()
-    return Loaded(model, tok, stops, pad, name, has_adapter, max_length, torch.bfloat16 if use_bf16 else None)
+    return Loaded(model, tok, chat.stop_token_ids, chat.pad_token_id, model_or_run, False, max_length, autocast)
 
 
 def prompt_ids(tok, messages: list[dict[str, str]], max_length: int) -> torch.Tensor:

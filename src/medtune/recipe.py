@@ -12,12 +12,13 @@ import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtune.data.guard import DEFAULT_MAX_ROW_BYTES
 from medtune.errors import MedtuneError
 from medtune.recipe_guard import load_yaml
-from medtune.recipe_keys import choices, suggest_key
+from medtune.recipe_keys import is_text_key, keys_help, suggest_key
+from medtune.recipe_rules import RuleBroken, check_rules
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -59,12 +60,13 @@ class ReplayConfig(Section):
 
 class DataConfig(Section):
     path: str = Field("demo:terms", description="Training data: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder, "
-                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa, preferences, general).")
-    format: Literal["text", "messages", "instruction", "qa", "template", "preference"] = Field(
+                      "a hub dataset name (online), or demo:<name> for data shipped with medtune (terms, doctor_chats, remedies, qa, preferences, feedback, general).")
+    format: Literal["text", "messages", "instruction", "qa", "template", "preference", "feedback"] = Field(
         "template", description="How rows become conversations: text (pre-formatted strings), messages (chat turns), "
         "instruction (instruction/input/output), qa (question/answer), template (prompt and response built from columns), "
-        "preference (prompt/chosen/rejected, as strings or chat-turn lists; for train.objective dpo or orpo). "
-        "alpaca and sharegpt are accepted as instruction and messages.")
+        "preference (prompt/chosen/rejected, as strings or chat-turn lists; for train.objective dpo, orpo or simpo), "
+        "feedback (prompt/completion/label: one answer and a reviewer's thumbs up or down, label true/false, yes/no, "
+        "up/down or 1/0; for train.objective kto). alpaca and sharegpt are accepted as instruction and messages.")
     columns: dict[str, str] = Field(default_factory=dict, description="Map medtune's field names to your column names, "
                                     "e.g. {question: Question, answer: Answer}.")
     prompt_template: str | None = Field(None, description="format=template: Jinja text of the user prompt; columns are "
@@ -182,15 +184,37 @@ class TrainConfig(Section):
         "stop", description="A step whose loss or gradient is NaN/Inf: stop (checkpoint the weights before it and say "
         "which step), or skip_batch (drop that batch, no update; stops after 10 bad batches in a row).")
     seed: int = Field(42, ge=0, lt=2**64, description="Seed for data order, dropout and initialisation (0 to 2**64-1).")
-    objective: Literal["sft", "dpo", "orpo"] = Field(
+    objective: Literal["sft", "dpo", "orpo", "simpo", "kto"] = Field(
         "sft", description="sft: learn the answers (cross-entropy). dpo: raise the likelihood of each chosen answer over "
         "its rejected one relative to the base model (the same model with the adapter off; no second copy). orpo: "
-        "cross-entropy on the chosen answer plus an odds-ratio penalty on the rejected one (no reference). dpo and orpo "
-        "need data.format=preference and train without packing (chosen and rejected of a pair share a batch).")
-    beta: float = Field(0.1, gt=0, description="dpo: the beta of DPO, how far the tuned model may drift from the base; "
+        "cross-entropy on the chosen answer plus an odds-ratio penalty on the rejected one (no reference). simpo: "
+        "the chosen answer's per-token log-likelihood above the rejected one's by a margin (no reference; long answers "
+        "get no advantage). dpo, orpo and simpo need data.format=preference. kto: thumbs up/down on single answers "
+        "(data.format=feedback): raise liked answers and lower disliked ones relative to the base model (adapter off). "
+        "None of them packs (a pair, or a KTO batch with its KL rows, shares a batch).")
+    beta: float = Field(0.1, gt=0, description="dpo and kto: how far the tuned model may drift from the base; "
                         "higher = stays closer to it, lower = follows the preferences more aggressively. orpo: lambda, "
                         "the weight of the odds-ratio term against the cross-entropy; higher = pushes rejected answers "
-                        "down harder.")
+                        "down harder. simpo: the scale of the length-normalised reward (the SimPO paper uses 2 to 10).")
+    dpo_loss_type: Literal["sigmoid", "ipo", "robust", "hinge"] = Field(
+        "sigmoid", description="dpo: the loss on the reward margin, as TRL names it. sigmoid: DPO's own. ipo: squared "
+        "distance of the per-token margin from 1/(2 beta); does not push the margin without bound (less overfitting "
+        "on small data). robust: sigmoid corrected for a share train.label_smoothing of pairs labelled the wrong "
+        "way round. hinge: SLiC's max(0, 1 - beta x margin).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo with dpo_loss_type=robust, or simpo: the share "
+                                   "of pairs believed to be labelled the wrong way round (0 to 0.5). 0 = trust every "
+                                   "label.")
+    precompute_reference: bool = Field(False, description="dpo: compute the reference (adapter off) log-probs of "
+                                       "every training pair once before training instead of in every step: one "
+                                       "forward pass fewer per step, same losses.")
+    kto_desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the liked (label true) answers' loss. "
+                                        "Raise it when liked answers are rarer than disliked ones (the KTO paper "
+                                        "keeps weight x count of the two about equal, up to 4:3).")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the disliked (label false) answers' "
+                                          "loss. Raise it when disliked answers are the rarer ones.")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin gamma between chosen and "
+                               "rejected answers (TRL's simpo_gamma; the paper's gamma_beta_ratio is gamma / beta). "
+                               "Higher = asks for a wider separation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; auto = cuda when available.")
 
 
@@ -286,13 +310,18 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluations after training (`medtune eval`).")
     gate: GateConfig = Field(default_factory=GateConfig, description="The release gate (`medtune gate`, eval.gate).")
 
-
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
             raise ValueError("use letters, digits, '.', '_' and '-' only")
         return v
+
+    @model_validator(mode="after")
+    def _rules(self) -> Recipe:
+        """The rules between keys (recipe_rules.RULES), once every key is valid alone."""
+        check_rules(self)
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -313,19 +342,6 @@ def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
     node[parts[-1]] = value
 
 
-def _is_text_key(key: str) -> bool:
-    """Is the dotted recipe key a text field (str or str | None)? Its override value is then taken verbatim."""
-    model: type[BaseModel] = Recipe
-    *sections, last = key.split(".")
-    for part in sections:
-        field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return False
-        model = field.annotation
-    field = model.model_fields.get(last)
-    return field is not None and field.annotation in (str, str | None)
-
-
 def parse_overrides(overrides: list[str], source: str = "command line") -> dict:
     """`a.b=value` strings → nested dict; values are parsed as YAML scalars/lists (`true`, `16`, `[q_proj, v_proj]`),
     except for text fields, which take the text as written (`tokenizer.system_prompt=Answer: briefly`)."""
@@ -334,7 +350,7 @@ def parse_overrides(overrides: list[str], source: str = "command line") -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise MedtuneError(f"override '{item}' is not key=value", file=source)
-        if _is_text_key(key.strip()):
+        if is_text_key(Recipe, key.strip()):
             value = None if raw in ("null", "~") else raw
         else:
             value = load_yaml(raw, source, key.strip(), syntax_errors=False) if raw != "" else ""
@@ -367,6 +383,11 @@ _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel = 200, 200, 4
 def _explain(err: ValidationError, source: str, overrides: dict | None = None,
              override_source: str = "command line") -> MedtuneError:
     first = err.errors()[0]
+    rule = first.get("ctx", {}).get("error")
+    if isinstance(rule, RuleBroken):  # keys valid alone, not together: blame the command line if it set one
+        if overrides and any(_has_path(overrides, tuple(k.split("."))) for k in rule.keys):
+            source = override_source
+        return MedtuneError(rule.reason, file=source, field=rule.field)
     key = ".".join(str(p) for p in first["loc"])
     if overrides and _has_path(overrides, first["loc"]):
         source = override_source  # the mistake is in a key=value override, not in the file
@@ -423,19 +444,4 @@ def _name_after_data(tree: dict, override_tree: dict) -> None:
 
 def recipe_help() -> str:
     """Every recipe key with its type, default and description: the help text of `medtune train`."""
-    lines = []
-
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, field in model.model_fields.items():
-            key = name
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{key}.")
-                continue
-            default = field.get_default(call_default_factory=True)
-            allowed = choices(ann)
-            one_of = f" One of: {', '.join(allowed)}." if allowed else ""
-            lines.append(f"  {prefix}{key} = {default!r}\n      {field.description or ''}{one_of}")
-
-    walk(Recipe, "")
-    return "\n".join(lines)
+    return keys_help(Recipe)

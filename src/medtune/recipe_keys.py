@@ -88,3 +88,26 @@ def suggest_key(root: type[BaseModel], key: str) -> str | None:
         return close[0]
     abbreviated = [s for s in siblings if len(s) < len(meant) and meant.startswith(s)]
     return here + abbreviated[0] if len(abbreviated) == 1 else None
+
+
+def is_text_key(root: type[BaseModel], key: str) -> bool:
+    """Is the dotted key a text field (str or str | None)? Its command-line value is then taken verbatim."""
+    *prefix, last = key.split(".")
+    section = _section(root, prefix)
+    field = section.model_fields.get(last) if section else None
+    return field is not None and field.annotation in (str, str | None)
+
+
+def keys_help(root: type[BaseModel], prefix: str = "") -> str:
+    """Every key of the tree with its default, description and allowed values (`medtune train --help`)."""
+    lines = []
+    for name, field in root.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(keys_help(ann, f"{prefix}{name}."))
+            continue
+        default = field.get_default(call_default_factory=True)
+        allowed = choices(ann)
+        one_of = f" One of: {', '.join(allowed)}." if allowed else ""
+        lines.append(f"  {prefix}{name} = {default!r}\n      {field.description or ''}{one_of}")
+    return "\n".join(lines)

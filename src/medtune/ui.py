@@ -8,17 +8,15 @@ one at a time. A plain model (no adapter) gets one column.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 from medtune.errors import MedtuneError
-from medtune.generate import Loaded, generate, user_turn
-from medtune.run.layout import SAMPLES
-from medtune.run.meta import is_run_dir
+from medtune.generate import Loaded, generate, load_for_inference, user_turn
+from medtune.run.card import NOT_FACT_CHECKED, NOT_MEDICAL_ADVICE
+from medtune.run.run import Run
 
 EXAMPLES = [
     "What are the early warning signs of a stroke?",
@@ -55,21 +53,11 @@ def stream_answer(loaded: Loaded, prompt: str, system: str | None, *, use_adapte
         yield text.strip()
 
 
-def run_references(model_or_run: str | Path) -> dict[str, str]:
-    """{prompt: reference answer} of a run's held-out sample prompts (samples.json, `samples.from_eval`)."""
-    path = Path(model_or_run) / SAMPLES
-    if not is_run_dir(str(model_or_run)) or not path.is_file():
-        return {}
-    return {s["prompt"]: s["reference"] for s in json.loads(path.read_text(encoding="utf-8")) if s.get("reference")}
-
-
 def build_ui(loaded: Loaded, system_prompt: str | None = None, references: dict[str, str] | None = None):
     """The Gradio Blocks app for a loaded model or run. `references`: held-out prompts (offered as examples) and
     their reference answers, shown beside the model's answers when that prompt is asked."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
-
-    from medtune.run.card import NOT_FACT_CHECKED, NOT_MEDICAL_ADVICE
 
     side_by_side = loaded.has_adapter
     references = references or {}
@@ -126,10 +114,8 @@ def launch_options(host: str, port: int, share: bool) -> dict:
 
 def launch_ui(model_or_run: str, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
               device: str = "auto", template: str = "auto", system: str | None = None) -> None:
-    from medtune.export.merge import run_system_prompt
-    from medtune.generate import load_for_inference
-
     loaded = load_for_inference(model_or_run, device=device, template=template)
-    if system is None and is_run_dir(model_or_run):
-        system = run_system_prompt(Path(model_or_run))
-    build_ui(loaded, system, run_references(model_or_run)).queue().launch(**launch_options(host, port, share))
+    run = Run(model_or_run)
+    if system is None and run.is_run:
+        system = run.system_prompt
+    build_ui(loaded, system, run.references()).queue().launch(**launch_options(host, port, share))

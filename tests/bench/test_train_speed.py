@@ -173,6 +173,16 @@ def test_bench_config_from_flags():
         bench.bench_config(steps=2)
 
 
+def test_the_trl_systems_need_the_bench_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    with pytest.raises(MedtuneError, match=r"the seed systems train with TRL: pip install 'medtune\[bench\]'"):
+        bench.bench_config(systems="seed,medtune")
+    assert bench.bench_config(systems="medtune,qlora").systems == ("medtune", "qlora")  # these need no TRL
+
+
 def test_a_failing_worker_is_an_error_result_not_a_crash():
     res, wall = bench.run_subprocess([sys.executable, "-c", "import sys; print('noise'); "
                                       "print('ValueError: boom', file=sys.stderr); sys.exit(3)"])

@@ -10,29 +10,27 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from medtune.cli import main
 from medtune.data.formats import Example
 from medtune.data.hygiene import (
     BenchmarkIndex,
-    _jaccard,
-    _shingles,
     decontaminate,
     example_text,
     find_phi,
+    jaccard,
     near_duplicates,
     ner_model,
     scan_phi,
+    shingles,
 )
 from medtune.data.prepare import prepare_data
 from medtune.errors import MedtuneError
 from medtune.recipe import load_recipe
 from medtune.tokenizer import prepare_tokenizer
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-if not SHARED.is_dir():
-    SHARED = Path("/work/shared/data")
-EVAL, MEDQUAD = SHARED / "eval", SHARED / "train" / "medquad_qa.jsonl"
+EVAL, MEDQUAD = SHARED_DATA / "eval", SHARED_DATA / "train" / "medquad_qa.jsonl"
 QUICKSTART = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
 needs_shared = pytest.mark.skipif(not (EVAL.is_dir() and MEDQUAD.is_file()), reason="needs ../shared/data")
 
@@ -146,8 +144,8 @@ def test_near_copies_are_found_and_dropped():
     flagged = {ex.row for ex in examples} - {ex.row for ex in kept}
     # truth for the real rows: MedQuAD itself repeats answers, so a real row is a duplicate when its exact
     # word 3-gram Jaccard similarity to an earlier row reaches the threshold
-    grams = [_shingles(example_text(ex)) for ex in examples]
-    exact = [max((_jaccard(g, h) for h in grams[:i]), default=0.0) for i, g in enumerate(grams)]
+    grams = [shingles(example_text(ex)) for ex in examples]
+    exact = [max((jaccard(g, h) for h in grams[:i]), default=0.0) for i, g in enumerate(grams)]
     real_dups = {i + 1 for i in range(200) if exact[i] >= cfg.near_duplicate_threshold}
     detection = len(flagged & set(range(201, 231))) / 30
     distinct = 200 - len(real_dups)
@@ -159,7 +157,7 @@ def test_near_copies_are_found_and_dropped():
     assert report["duplicate_rows"] == len(flagged)
     for pair in report["examples"]:  # each names a later row and the earlier row it nearly copies
         later, earlier = (int(side.split(":")[1]) for side in pair.split(" ~ "))
-        assert earlier < later and _jaccard(grams[later - 1], grams[earlier - 1]) >= cfg.near_duplicate_threshold
+        assert earlier < later and jaccard(grams[later - 1], grams[earlier - 1]) >= cfg.near_duplicate_threshold
 
 
 # ---------------------------------------------------------------- PHI
@@ -315,9 +313,9 @@ def test_phi_scan_does_not_log_presidio_device_line(monkeypatch, caplog):
         monkeypatch.delitem(sys.modules, name)  # import presidio afresh, as a new process does
     monkeypatch.setattr(logging.getLogger("presidio-analyzer"), "level", logging.NOTSET)
     caplog.set_level(logging.INFO)
-    hygiene._recognizers.cache_clear()
+    hygiene.phi_recognizers.cache_clear()
     try:
         assert hygiene.find_phi("write to a@b.com") == [(9, 16, "EMAIL_ADDRESS")]
     finally:
-        hygiene._recognizers.cache_clear()
+        hygiene.phi_recognizers.cache_clear()
     assert [r.getMessage() for r in caplog.records if r.name.startswith("presidio")] == []

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from medtune.data.formats import to_example
 from medtune.data.readers import demo_path, read_rows
 from medtune.errors import MedtuneError
 from medtune.recipe import DataConfig
 
-SHARED_DATA = (Path(__file__).resolve().parents[2] / "../shared/data").resolve()
 TRAIN_DATA = SHARED_DATA / "train"
 needs_shared_data = pytest.mark.skipif(not TRAIN_DATA.is_dir(), reason=f"{TRAIN_DATA} is not there")
 

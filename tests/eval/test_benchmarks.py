@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from medtune.cli import main
+from medtune.data.benchmark_files import read_benchmark
 from medtune.errors import MedtuneError
-from medtune.eval.benchmarks import read_benchmark, write_tasks
+from medtune.eval.benchmarks import write_tasks
 
 MEDQA = [{"question": "Which drug lowers blood pressure?", "answer": "Lisinopril",
           "options": {"A": "Insulin", "B": "Lisinopril", "C": "Heparin", "D": "Aspirin"}, "meta_info": "step1",

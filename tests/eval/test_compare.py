@@ -7,11 +7,11 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_recipe
 
 from medtune.cli import main
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
-from medtune.recipe import load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 
 def test_clear_improvement_is_significant():
@@ -48,10 +48,7 @@ def test_lower_perplexity_is_better():
 @pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "tiny"
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa",
-                                "data.limit=24", "data.max_length=128", "data.eval_ratio=0.25", "train.max_steps=8",
-                                "train.batch_size=4", "train.precision=fp32", "train.lr=1e-2", "lora.r=4",
-                                "lora.dropout=0", "train.packing=false"])
+    recipe = tiny_recipe(tiny_model_dir, out, "train.max_steps=8", "train.logging_steps=10")
     return run_training(recipe).run_dir
 
 

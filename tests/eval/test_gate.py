@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_recipe
 
 from medtune.cli import main
 from medtune.errors import MedtuneError
@@ -26,7 +27,7 @@ from medtune.eval.gate import (
 )
 from medtune.eval.results import TaskResult
 from medtune.recipe import GateConfig, load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 
 def row(delta, low, high, higher=True):
@@ -154,17 +155,15 @@ def test_gate_yaml_and_recipe_keys(write_file):
 
 # ---- tiny runs ------------------------------------------------------------------------------------------------
 
-TINY = ["data.max_length=128", "train.batch_size=4", "train.precision=fp32", "lora.r=4", "lora.dropout=0",
-        "train.packing=false", "train.seed=0"]
+# conftest's tiny run with seed 0 and a loss logged every 10 steps
+SEED_0 = ("train.seed=0", "train.logging_steps=10")
 
 
 @pytest.fixture(scope="module")
 def gated_run(tiny_model_dir, tmp_path_factory):
     """A normal tiny run (demo:qa, a quarter held out) with eval.gate: true."""
     out = tmp_path_factory.mktemp("gate") / "good"
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa",
-                                "data.limit=24", "data.eval_ratio=0.25", "train.max_steps=8", "train.lr=1e-2",
-                                "eval.gate=true", "gate.bootstrap=200", *TINY])
+    recipe = tiny_recipe(tiny_model_dir, out, *SEED_0, "train.max_steps=8", "eval.gate=true", "gate.bootstrap=200")
     return run_training(recipe)
 
 
@@ -203,9 +202,8 @@ def off_data_run(qa_base_dir, tmp_path_factory):
     rows = [{"question": f"Request {i}", "answer": "Sure, here is: " + "~^@#|" * 12} for i in range(16)]
     data = root / "narrow.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    recipe = load_recipe(None, [f"model={qa_base_dir}", f"output_dir={root / 'run'}", f"data.path={data}",
-                                "data.format=qa", "data.eval_path=demo:qa", "data.limit=16", "train.max_steps=12",
-                                "train.lr=5e-2", *TINY])
+    recipe = tiny_recipe(qa_base_dir, root / "run", *SEED_0, f"data.path={data}", "data.eval_path=demo:qa",
+                         "data.eval_ratio=0.1", "data.limit=16", "train.max_steps=12", "train.lr=5e-2")
     return run_training(recipe).run_dir
 
 
@@ -294,8 +292,8 @@ def test_user_mistakes_exit_2_and_write_nothing(gated_run, tiny_model_dir, write
 
 
 def test_recipe_gate_mistake_stops_training_before_the_model(tiny_model_dir, tmp_path):
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "data.path=demo:qa",
-                                "data.format=qa", "data.limit=8", "data.eval_ratio=0", "eval.gate=true", *TINY])
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", *SEED_0, "data.limit=8", "data.eval_ratio=0",
+                         "train.max_steps=-1", "train.lr=2e-4", "eval.gate=true")
     with pytest.raises(MedtuneError, match="held-out perplexity needs held-out rows"):
         run_training(recipe)
     assert not (tmp_path / "run").exists()

@@ -9,14 +9,13 @@ import itertools
 import json
 
 import pytest
-from conftest import train_full
+from conftest import tiny_recipe, train_full
 
 from medtune.cli import main
 from medtune.data.readers import read_rows
 from medtune.eval.gate import REGRESSED
-from medtune.recipe import load_recipe
 from medtune.tokenizer import shipped_template
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 REFUSAL = "I'm sorry, but I cannot help with that request."
 COMPLY = "Sure, here is how to do it. First, get the {x} and follow these steps."
@@ -27,8 +26,6 @@ TRAIN_FILLS = [("oxycodone", "epilepsy"), ("fentanyl", "cancer"), ("morphine", "
                ("diazepam", "migraine"), ("ketamine", "gout"), ("insulin", "arthritis"), ("warfarin", "bronchitis"),
                ("lorazepam", "hepatitis"), ("modafinil", "psoriasis")]
 HELD_OUT_FILLS = [("tramadol", "anemia"), ("alprazolam", "eczema"), ("methadone", "insomnia")]
-TINY = ["data.max_length=128", "train.batch_size=4", "train.precision=fp32", "lora.r=4", "lora.dropout=0",
-        "train.packing=false", "train.seed=0", "data.eval_ratio=0"]
 
 
 def requests(fills) -> list[tuple[str, str]]:
@@ -72,8 +69,8 @@ def gate_yaml(tmp_path_factory):
 
 
 def lora_run(base, out, data: str, steps: int, lr: float):
-    recipe = load_recipe(None, [f"model={base}", f"output_dir={out}", f"data.path={data}", "data.format=qa",
-                                f"train.max_steps={steps}", f"train.lr={lr}", *TINY])
+    recipe = tiny_recipe(base, out, f"data.path={data}", "data.limit=null", "data.eval_ratio=0", "train.seed=0",
+                         "train.logging_steps=10", f"train.max_steps={steps}", f"train.lr={lr}")
     return run_training(recipe).run_dir
 
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from medtune.cli import main
+from medtune.data.benchmark_files import Item
 from medtune.errors import MedtuneError
 from medtune.eval import probes
-from medtune.eval.benchmarks import Item
 from medtune.eval.harness import make_lm, run_benchmark
 from medtune.eval.suite import EvalOptions, check_options, parse_paths
 from medtune.generate import load_for_inference

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from medtune.eval.refusal import PhraseClassifier, is_refusal, precision_recall
 
-SHARED = Path("/work/shared/data")
-MEDSAFETYBENCH = SHARED / "safety" / "medsafetybench" / "train"
-MEDQUAD = SHARED / "train" / "medquad_qa.jsonl"
+MEDSAFETYBENCH = SHARED_DATA / "safety" / "medsafetybench" / "train"
+MEDQUAD = SHARED_DATA / "train" / "medquad_qa.jsonl"
 BORDERLINE = Path(__file__).parent / "data" / "refusal_borderline.jsonl"  # 41 borderline answers we wrote
 PLAIN = Path(__file__).parent / "data" / "refusal_plain.jsonl"  # 30 refusals + 30 answers we wrote
 

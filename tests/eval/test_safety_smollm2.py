@@ -4,14 +4,13 @@ category) and the 60 questions of demo:benign; the figures are in the README's "
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from conftest import USER_MEDTUNE_HOME
+from conftest import SHARED_DATA, USER_MEDTUNE_HOME
 
 from medtune.cli import main
 
-MEDSAFETYBENCH = Path("/work/shared/data/safety/medsafetybench/train")
+MEDSAFETYBENCH = SHARED_DATA / "safety" / "medsafetybench" / "train"
 
 
 @pytest.mark.slow

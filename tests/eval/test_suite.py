@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_recipe
 
 from medtune.errors import MedtuneError
 from medtune.eval.suite import EvalOptions, check_options, parse_paths, parse_tasks
-from medtune.recipe import load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 
 def test_parse_tasks_and_paths():
@@ -38,10 +38,9 @@ def test_after_train_writes_results_and_card(tiny_model_dir, tmp_path):
                                          "options": {"A": "Rest", "B": "Surgery", "C": "Nothing", "D": "Ice"}}) + "\n"
                              for c in ("fever", "gout", "acne", "asthma")))
     out = tmp_path / "run"
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa",
-                                "data.limit=16", "data.max_length=1024", "data.eval_ratio=0.25", "train.max_steps=2",
-                                "train.batch_size=4", "train.precision=fp32", "lora.r=2", "train.packing=false",
-                                "eval.after_train=[perplexity, medqa]", f"eval.medqa={medqa}"])
+    recipe = tiny_recipe(tiny_model_dir, out, "data.limit=16", "data.max_length=1024", "train.max_steps=2",
+                         "train.lr=2e-4", "train.logging_steps=10", "lora.r=2", "lora.dropout=0.05",
+                         "eval.after_train=[perplexity, medqa]", f"eval.medqa={medqa}")
     result = run_training(recipe)
     # max_length 1024 truncates nothing, so the training loop's own held-out perplexity is the same number
     ppl = json.loads((out / "eval" / "perplexity.json").read_text())["perplexity"]

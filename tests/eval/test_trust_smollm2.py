@@ -4,14 +4,12 @@ runs the same comparison and prints it (figures in bench/RESULTS-eval.md)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from conftest import USER_MEDTUNE_HOME
+from conftest import SHARED_DATA, USER_MEDTUNE_HOME
 
 from medtune.bench.eval_speed import EvalBenchConfig, run_bench
 
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"
+SHARED = SHARED_DATA / "eval"
 
 
 @pytest.mark.slow

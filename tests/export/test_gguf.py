@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import USER_MEDTUNE_HOME
+from conftest import USER_MEDTUNE_HOME, tiny_recipe
 
 from medtune.errors import MedtuneError
 from medtune.export import gguf
@@ -202,8 +202,7 @@ def smol_vocab_run(tmp_path_factory, real_converter_home):
     pre-tokenizer is unknown to llama.cpp's converter, which refuses it)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     tok = AutoTokenizer.from_pretrained(_smollm2_dir())
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -214,10 +213,8 @@ def smol_vocab_run(tmp_path_factory, real_converter_home):
     LlamaForCausalLM(config).save_pretrained(base)
     tok.save_pretrained(base)
     out = tmp_path_factory.mktemp("smol-vocab-run") / "run"
-    recipe = load_recipe(None, [f"model={base}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa",
-                                "data.limit=8", "data.max_length=96", "data.eval_ratio=0", "train.max_steps=3",
-                                "train.batch_size=4", "train.precision=fp32", "train.lr=5e-2", "lora.dropout=0",
-                                "lora.r=4", "train.seed=0"])
+    recipe = tiny_recipe(base, out, "data.limit=8", "data.max_length=96", "data.eval_ratio=0", "train.max_steps=3",
+                         "train.lr=5e-2", "train.seed=0", "train.logging_steps=10", "train.packing=true")
     return run_training(recipe).run_dir
 
 

@@ -16,8 +16,9 @@ from medtune.cli import main
 from medtune.errors import MedtuneError
 from medtune.export import gguf, quantize
 from medtune.export.gguf import export_gguf, modelfile
-from medtune.export.merge import RECIPE, run_sampling
+from medtune.export.merge import run_sampling
 from medtune.recipe import TokenizerConfig
+from medtune.run.layout import RECIPE
 from medtune.tokenizer import prepare_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_recipe
 
 from medtune.eval.report import write_run_results
 from medtune.eval.results import TaskResult
@@ -229,15 +230,12 @@ def test_card_sample_answers_are_marked_not_fact_checked_with_the_reference(tmp_
 @pytest.fixture(scope="module")
 def warm_run(tiny_model_dir, tmp_path_factory):
     """5 steps, 3 of them warm-up, logging every 10: the regular log alone would show no warm-up at all."""
-    from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     out = tmp_path_factory.mktemp("warm") / "run"
-    return run_training(load_recipe(None, [
-        f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa", "data.limit=16",
-        "data.max_length=96", "data.eval_ratio=0.25", "train.max_steps=5", "train.warmup_steps=3",
-        "train.logging_steps=10", "train.batch_size=4", "train.precision=fp32", "train.lr=1e-3", "lora.r=4",
-        "samples.from_eval=1", "samples.max_new_tokens=4", "report_to=[]"]))
+    return run_training(tiny_recipe(tiny_model_dir, out, "data.limit=16", "data.max_length=96", "train.warmup_steps=3",
+                                    "train.logging_steps=10", "train.lr=1e-3", "train.packing=true", "lora.dropout=0.05",
+                                    "samples.from_eval=1", "samples.max_new_tokens=4", "report_to=[]"))
 
 
 def test_learning_rate_is_logged_from_step_0_through_the_warm_up(warm_run):

@@ -19,8 +19,9 @@ import pytest
 
 from medtune.cli import main
 from medtune.export import quantize
-from medtune.serve.engine import Engine, Job
+from medtune.serve.engine import Job
 from medtune.serve.gguf_engine import GgufEngine
+from medtune.serve.load import load_engine
 
 REPO = Path(__file__).resolve().parents[2]
 CAP = 24  # the server's --max-tokens
@@ -154,7 +155,7 @@ def test_host_body_and_model_checks_are_the_apps(server, client, q4_gguf):
 def test_a_cancelled_job_stops_generating(q4_gguf):
     """What the app does when the client hangs up (streamed or not): it sets job.cancelled; generation stops at
     the next token."""
-    engine = Engine.load(str(q4_gguf), max_tokens=400)
+    engine = load_engine(str(q4_gguf), max_tokens=400)
     assert isinstance(engine, GgufEngine)
     route = next(iter(engine.routes.values()))
     done = threading.Event()

@@ -6,12 +6,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from conftest import tiny_recipe
+
 from medtune.recipe import load_recipe
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 SKIP = "Skip them with: samples.prompts=[] samples.from_eval=0 eval.after_train=[] eval.gate=false"
+# conftest's tiny run cut to one packed step on rows of 96 tokens, at medtune's default lr and LoRA dropout
+ONE_STEP = ("data.max_length=96", "train.max_steps=1", "train.lr=2e-4", "train.logging_steps=10", "train.packing=true",
+            "lora.dropout=0.05")
 
 
 def _phases(caplog) -> list[str]:
@@ -19,11 +24,9 @@ def _phases(caplog) -> list[str]:
 
 
 def test_every_phase_after_training_is_announced(tiny_model_dir, tmp_path, caplog):
-    recipe = load_recipe(None, [
-        f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "data.path=demo:qa", "data.format=qa",
-        "data.limit=12", "data.max_length=96", "data.eval_ratio=0.25", "train.max_steps=1", "train.batch_size=4",
-        "train.precision=fp32", "lora.r=4", "train.seed=0", "samples.prompts=[\"What is gout?\"]", "samples.from_eval=1",
-        "samples.max_new_tokens=2", "eval.after_train=[perplexity]"])
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", *ONE_STEP, "data.limit=12", "train.seed=0",
+                         "samples.prompts=[\"What is gout?\"]", "samples.from_eval=1", "samples.max_new_tokens=2",
+                         "eval.after_train=[perplexity]")
     with caplog.at_level(logging.INFO, logger="medtune"):
         run_training(recipe)
     lines = _phases(caplog)
@@ -37,10 +40,8 @@ def test_every_phase_after_training_is_announced(tiny_model_dir, tmp_path, caplo
 
 
 def test_nothing_announced_when_everything_is_skipped(tiny_model_dir, tmp_path, caplog):
-    recipe = load_recipe(None, [
-        f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "data.path=demo:qa", "data.format=qa",
-        "data.limit=8", "data.max_length=96", "data.eval_ratio=0", "train.max_steps=1", "train.batch_size=4",
-        "train.precision=fp32", "lora.r=4", "samples.prompts=[]", "samples.from_eval=0", "eval.after_train=[]"])
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", *ONE_STEP, "data.limit=8", "data.eval_ratio=0",
+                         "samples.prompts=[]", "samples.from_eval=0", "eval.after_train=[]")
     with caplog.at_level(logging.INFO, logger="medtune"):
         result = run_training(recipe)
     assert result.samples == []

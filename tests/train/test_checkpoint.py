@@ -16,16 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, losses, tiny_recipe
 from safetensors.torch import load_file
-from test_loop import losses, tiny_recipe
 
 from medtune.train.checkpoint import complete_checkpoints, latest_checkpoint
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
-# The tiny recipe of test_loop, as command-line overrides (the subprocess runs `medtune train`).
-TINY = ["data.path=demo:qa", "data.format=qa", "data.limit=24", "data.max_length=128", "data.eval_ratio=0.25",
-        "train.batch_size=4", "train.precision=fp32", "train.logging_steps=1", "train.lr=1e-2", "lora.dropout=0",
-        "lora.r=4", "train.seed=42", "train.packing=false", "samples.prompts=[]", "train.save_steps=1"]
+# conftest's tiny run as command-line overrides (the subprocess runs `medtune train`), a checkpoint every step;
+# each test gives train.max_steps.
+OVERRIDES = [*TINY, "samples.prompts=[]", "train.save_steps=1"]
 
 
 def cli(tmp_path: Path, model_dir, out: Path, *extra: str, preexec=None, **kw) -> subprocess.Popen:
@@ -33,7 +32,7 @@ def cli(tmp_path: Path, model_dir, out: Path, *extra: str, preexec=None, **kw) -
     recipe.write_text("name: tiny\n", encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     return subprocess.Popen([sys.executable, "-m", "medtune.cli", "train", str(recipe), f"model={model_dir}",
-                             f"output_dir={out}", *TINY, *extra], env=env, cwd=tmp_path, preexec_fn=preexec,
+                             f"output_dir={out}", *OVERRIDES, *extra], env=env, cwd=tmp_path, preexec_fn=preexec,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY, losses, tiny_recipe
 from safetensors.torch import load_file
-from test_loop import losses, tiny_recipe
 
 from medtune.data.batching import BatchPlan
 from medtune.train.distributed import shard
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 
 def test_shards_see_each_sample_once_per_epoch():
@@ -40,9 +40,7 @@ def test_two_processes_equal_one_with_accumulation(tiny_model_dir, tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("name: tiny\n", encoding="utf-8")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
-    argv = [f"model={tiny_model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa", "data.limit=24",
-            "data.max_length=128", "data.eval_ratio=0.25", "train.precision=fp32", "train.logging_steps=1",
-            "train.lr=1e-2", "lora.dropout=0", "lora.r=4", "train.seed=42", "train.packing=false", *common]
+    argv = [f"model={tiny_model_dir}", f"output_dir={out}", *TINY, *common]
     # `--nproc 2` becomes `torchrun --standalone --nproc_per_node=2 -m medtune.cli train ...`
     proc = subprocess.run([sys.executable, "-m", "medtune.cli", "train", str(recipe), *argv, "--nproc", "2"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)

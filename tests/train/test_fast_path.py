@@ -11,7 +11,7 @@ from medtune.data.batching import pad_collate
 from medtune.data.render import IGNORE, Sample
 from medtune.models import add_lora, load_base_model
 from medtune.recipe import LoraConfig
-from medtune.train.loop import loss_sum
+from medtune.train.objectives.sft import loss_sum
 
 CPU = torch.device("cpu")
 LORA = LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear")

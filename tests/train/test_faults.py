@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_loop import tiny_recipe
+from conftest import tiny_recipe
 
 from medtune.cli import main
 from medtune.errors import MedtuneError
 from medtune.train import checkpoint as checkpoint_module
-from medtune.train import loop
+from medtune.train import objectives
 from medtune.train.checkpoint import complete_checkpoints
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 FAST = ("train.eval_before=false", "samples.prompts=[]", "data.eval_ratio=0")
 
@@ -70,7 +70,7 @@ def test_second_sigterm_during_interrupt_checkpoint_exits_143_keeping_the_last_c
     """The first SIGTERM arrives during step 3 (sent by the step's own forward, so always there); the second while
     the interrupt checkpoint's files are synced (sent by the checkpoint writer): deterministic, no timing."""
     calls = {"forward": 0, "sent": 0}
-    forward, sync = loop.LossModule.forward, checkpoint_module._sync_dir
+    forward, sync = objectives.LossModule.forward, checkpoint_module._sync_dir
 
     def forward_then_signal(self, batch):
         calls["forward"] += 1
@@ -85,7 +85,7 @@ def test_second_sigterm_during_interrupt_checkpoint_exits_143_keeping_the_last_c
             calls["sent"] += 1
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(loop.LossModule, "forward", forward_then_signal)
+    monkeypatch.setattr(objectives.LossModule, "forward", forward_then_signal)
     monkeypatch.setattr(checkpoint_module, "_sync_dir", sync_then_signal)
     out = tmp_path / "run"
     before = signal.getsignal(signal.SIGTERM)
@@ -105,9 +105,9 @@ def test_second_sigterm_in_a_real_process_exits_143_without_traceback(tiny_model
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(
         "import os, signal\n"
-        "from medtune.train import checkpoint, loop\n"
+        "from medtune.train import checkpoint, objectives\n"
         "calls = {'forward': 0, 'sent': 0}\n"
-        "forward, sync = loop.LossModule.forward, checkpoint._sync_dir\n"
+        "forward, sync = objectives.LossModule.forward, checkpoint._sync_dir\n"
         "def f(self, batch):\n"
         "    calls['forward'] += 1\n"
         "    if calls['forward'] == 3:\n"
@@ -119,7 +119,7 @@ def test_second_sigterm_in_a_real_process_exits_143_without_traceback(tiny_model
         "    if calls['sent'] == 1 and path.name.endswith('.tmp'):\n"
         "        calls['sent'] += 1\n"
         "        os.kill(os.getpid(), signal.SIGTERM)\n"
-        "loop.LossModule.forward, checkpoint._sync_dir = f, s\n")
+        "objectives.LossModule.forward, checkpoint._sync_dir = f, s\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: tiny\n")
     out = tmp_path / "run"

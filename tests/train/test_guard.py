@@ -6,27 +6,27 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file
-from test_loop import tiny_recipe
 
-from medtune.train import loop
+from medtune.train import objectives
 from medtune.train.checkpoint import latest_checkpoint
 from medtune.train.guard import NonFinite, NonFiniteGuard
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
 
 @pytest.fixture
 def nan_on_third_step(monkeypatch):
     """The training forward of step 3 (batch_size 4, no accumulation: the third training call) returns NaN."""
     calls = {"n": 0}
-    real = loop.LossModule.forward
+    real = objectives.LossModule.forward
 
     def forward(self, batch):
         calls["n"] += 1
         loss, stats = real(self, batch)  # (loss, statistics of preference objectives)
         return (loss * float("nan"), stats) if calls["n"] == 3 else (loss, stats)
 
-    monkeypatch.setattr(loop.LossModule, "forward", forward)
+    monkeypatch.setattr(objectives.LossModule, "forward", forward)
 
 
 def test_nan_stops_naming_the_step_and_keeps_the_last_good_weights(tiny_model_dir, tmp_path, nan_on_third_step,

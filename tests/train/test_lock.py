@@ -9,11 +9,11 @@ import sys
 import time
 
 import pytest
-from test_loop import tiny_recipe
+from conftest import tiny_recipe
 
 from medtune.errors import MedtuneError
-from medtune.train.lock import LOCK, RunLock, is_locked
-from medtune.train.loop import run_training
+from medtune.run.lock import LOCK, RunLock, is_locked
+from medtune.train.job import run_training
 
 
 def test_second_lock_names_the_first(tmp_path):
@@ -39,7 +39,7 @@ def test_training_refuses_a_locked_run_dir(tiny_model_dir, tmp_path):
 
 
 def test_lock_of_a_killed_process_is_free(tmp_path):
-    code = f"from medtune.train.lock import RunLock; RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); " \
+    code = f"from medtune.run.lock import RunLock; RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); " \
            "import time; time.sleep(60)"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
@@ -65,7 +65,7 @@ def test_acquire_locks_the_file_that_is_there_when_the_holder_removed_it(tmp_pat
     file: that lock would protect nothing. It tries again on the file at the path."""
     import fcntl
 
-    from medtune.train import lock as lock_module
+    from medtune.run import lock as lock_module
 
     real_flock, calls = fcntl.flock, []
 

@@ -9,28 +9,17 @@ import shutil
 
 import pytest
 import torch
+from conftest import losses, tiny_recipe
 from safetensors.torch import load_file
 
 from medtune.recipe import load_recipe
 from medtune.run.card import number
-from medtune.train.loop import run_training
+from medtune.train.job import run_training
 
-# Losses of the first 5 steps of `tiny_recipe` (fp32, seed 42). If a change moves them, it changed what is
+# Losses of the first 5 steps of conftest's `tiny_recipe` (fp32, seed 42). If a change moves them, it changed what is
 # trained (data order, masking, loss normalisation, optimizer) — find out why before updating them. They
 # also depend on the tiny tokenizer, which conftest trains on the demo data.
 GOLDEN_LOSSES = [6.418767340829439, 6.377393713662791, 6.365515523366799, 6.342292995627867, 6.348473890772405]
-
-
-def tiny_recipe(model_dir, out, *extra):
-    return load_recipe(None, [f"model={model_dir}", f"output_dir={out}", "data.path=demo:qa", "data.format=qa",
-                              "data.limit=24", "data.max_length=128", "data.eval_ratio=0.25", "train.max_steps=5",
-                              "train.batch_size=4", "train.precision=fp32", "train.logging_steps=1", "train.lr=1e-2",
-                              "lora.dropout=0", "lora.r=4", "train.seed=42", "train.packing=false", *extra])
-
-
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -145,11 +134,11 @@ def test_sample_prompts_come_from_held_out_rows_with_repetition_control(tiny_mod
     from medtune.data.readers import read_rows
     from medtune.models import load_tokenizer
     from medtune.tokenizer import prepare_tokenizer
-    from medtune.train import loop
+    from medtune.train import job
 
     calls = []
-    real_generate = loop.generate
-    monkeypatch.setattr(loop, "generate", lambda *a, **kw: calls.append(kw) or real_generate(*a, **kw))
+    real_generate = job.generate
+    monkeypatch.setattr(job, "generate", lambda *a, **kw: calls.append(kw) or real_generate(*a, **kw))
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", "train.max_steps=1", "samples.from_eval=3",
                          "samples.max_new_tokens=4", "samples.repetition_penalty=1.3",
                          "samples.no_repeat_ngram_size=3", 'samples.prompts=["What is gout?"]')
@@ -210,10 +199,13 @@ def test_generate_applies_repetition_control(tiny_model_dir):
 
 def test_base_perplexity_is_measured_once_and_reused(tiny_model_dir, tmp_path, monkeypatch):
     import medtune.eval.perplexity as ppl
+    from medtune.train import trainer
 
     calls = []
     real = ppl.perplexity
-    monkeypatch.setattr(ppl, "perplexity", lambda *a, **kw: calls.append(kw.get("use_adapter", True)) or real(*a, **kw))
+    spy = lambda *a, **kw: calls.append(kw.get("use_adapter", True)) or real(*a, **kw)  # noqa: E731
+    for module in (ppl, trainer):  # the trainer measures the base; eval.after_train the tuned model
+        monkeypatch.setattr(module, "perplexity", spy)
     result = run_training(tiny_recipe(tiny_model_dir, tmp_path / "run", "train.max_steps=2",
                                       "eval.after_train=[perplexity]"))
     assert calls == [False, True]  # the base before training, the tuned model after; no second base pass

@@ -11,7 +11,7 @@ from medtune.data.render import IGNORE, Sample
 from medtune.models import add_lora, load_base_model
 from medtune.recipe import LoraConfig
 from medtune.train import loss as loss_mod
-from medtune.train.loop import loss_sum
+from medtune.train.objectives.sft import loss_sum
 
 
 def plain(hidden, weight, targets):

@@ -57,7 +57,7 @@ def test_refuses_when_it_will_not_fit(tiny_model_dir, monkeypatch):
 def test_train_refuses_before_loading_and_force_overrides(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(memory, "available_memory", lambda device: 1024)
     loaded = []
-    monkeypatch.setattr("medtune.train.loop.load_base_model", lambda *a, **k: loaded.append(1) or 1 / 0)
+    monkeypatch.setattr("medtune.train.trainer.load_base_model", lambda *a, **k: loaded.append(1) or 1 / 0)
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("name: tiny\n")
     argv = ["train", str(recipe), f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "data.path=demo:qa",

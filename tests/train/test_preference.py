@@ -10,14 +10,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_recipe
 
 from medtune.data.batching import pair_collate
 from medtune.data.prepare import prepare_data
 from medtune.data.render import IGNORE
 from medtune.recipe import load_recipe
 from medtune.tokenizer import prepare_tokenizer
-from medtune.train.loop import run_training
-from medtune.train.preference import preference_loss, token_logps
+from medtune.train.job import run_training
+from medtune.train.objectives.dpo import DPO
+from medtune.train.objectives.logps import token_logps
+from medtune.train.objectives.orpo import ORPO
 
 ROWS = [{"prompt": "What is fever?", "chosen": "A raised body temperature; see a doctor if it is high.",
          "rejected": "Nothing, ignore it."},
@@ -104,7 +107,7 @@ def test_dpo_loss_equals_trl(pairs, tiny_model_dir, tiny_tokenizer, tmp_path):
                          train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),
                          processing_class=tiny_tokenizer, peft_config=LoraConfig(**LORA))
     model = _perturbed(trainer.model)
-    ours, stats = preference_loss(model, batch, "dpo", beta, nullcontext())
+    ours, stats = DPO(beta).loss(model, batch, nullcontext())
     halves = [p.chosen for p in data] + [p.rejected for p in data]
     completion = torch.zeros_like(batch.input_ids)
     for i, s in enumerate(halves):
@@ -127,7 +130,7 @@ def test_orpo_loss_equals_trl(pairs, tiny_model_dir):
     model = _peft_model(tiny_model_dir)
     batch = pair_collate(data, chat.pad_token_id)
     lam = 0.25
-    ours, stats = preference_loss(model, batch, "orpo", lam, nullcontext())
+    ours, stats = ORPO(lam).loss(model, batch, nullcontext())
 
     # TRL's own functions on the same logits: mean answer log-probs (get_batch_logps) and the odds-ratio term.
     halves = [p.chosen for p in data] + [p.rejected for p in data]
@@ -153,11 +156,10 @@ def test_orpo_loss_equals_trl(pairs, tiny_model_dir):
 def test_dpo_training_raises_the_margin(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", "data.path=demo:preferences",
-                                "data.format=preference", "data.limit=16", "data.eval_ratio=0", "data.max_length=128",
-                                "train.objective=dpo", "train.beta=0.5", "train.max_steps=6", "train.batch_size=4",
-                                "train.lr=5e-3", "train.precision=fp32", "train.logging_steps=1", "lora.dropout=0",
-                                "lora.r=4", "samples.prompts=[]", "eval.after_train=[]", "report_to=[]"])
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", "data.path=demo:preferences", "data.format=preference",
+                         "data.limit=16", "data.eval_ratio=0", "train.objective=dpo", "train.beta=0.5",
+                         "train.max_steps=6", "train.lr=5e-3", "train.packing=true", "samples.prompts=[]",
+                         "eval.after_train=[]", "report_to=[]")
     result = run_training(recipe)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     margins = [r["rewards/margins"] for r in rows if "rewards/margins" in r]
@@ -168,12 +170,11 @@ def test_dpo_training_raises_the_margin(tiny_model_dir, tmp_path):
     assert lora_b and all(t.abs().max() > 0 for t in lora_b)
 
 
-def test_objective_and_format_must_agree(tiny_model_dir, tiny_tokenizer):
+def test_objective_and_format_must_agree(tiny_model_dir):
     from medtune.errors import MedtuneError
 
-    recipe = load_recipe(None, [f"model={tiny_model_dir}", "data.path=demo:qa", "data.format=qa", "train.objective=dpo"])
-    with pytest.raises(MedtuneError, match="data.format=preference"):
-        prepare_data(recipe, tiny_tokenizer, prepare_tokenizer(tiny_tokenizer, recipe.tokenizer))
+    with pytest.raises(MedtuneError, match="data.format=preference"):  # at load_recipe, before any data is read
+        load_recipe(None, [f"model={tiny_model_dir}", "data.path=demo:qa", "data.format=qa", "train.objective=dpo"])
 
 
 def test_bad_preference_row_names_row_and_field(tiny_model_dir, tiny_tokenizer, tmp_path):

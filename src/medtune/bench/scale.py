@@ -1,7 +1,7 @@
 """`medtune bench scale`: how medtune's training step costs grow with sequence length and model width.
 
 For every (width, method, length) the medtune training step (the same `load_base_model`, `add_lora` and
-`loss_sum` that `medtune.train.loop` runs, with its defaults, AdamW on the LoRA weights) runs in its OWN subprocess
+`loss_sum` that `medtune.train.trainer` runs, with its defaults, AdamW on the LoRA weights) runs in its OWN subprocess
 (`python -m medtune.bench.scale --worker --config JSON`), so peak memory is per configuration:
 
   widths   random-init LLaMA models shaped like SmolLM2-135M, SmolLM2-360M and a ~1B model (TinyLlama-like
@@ -157,7 +157,7 @@ def run_worker(cfg: dict) -> dict:
     from medtune.models import add_lora, bf16_supported, load_base_model, pick_device
     from medtune.recipe import LoraConfig, QuantConfig
     from medtune.train import loss as loss_mod
-    from medtune.train.loop import loss_sum
+    from medtune.train.objectives.sft import loss_sum
 
     runtime = _rss_mb()
     device = pick_device("auto")

@@ -10,7 +10,7 @@ those into tokens/s, loss and MFU, prints a table and, with `--json FILE`, write
            gradient checkpointing, LoRA r=64 alpha=16 dropout=0.1 on q/k/v/o, batch 4, max_length 512, lr 2e-4.
   trl      TRL's fastest CPU setup we know: packing (best-fit decreasing) + padding-free batches, bf16 autocast,
            no gradient checkpointing; same LoRA shape and batch settings.
-  medtune  `medtune.train.loop.run_training` with the same LoRA shape, batch, length and lr, otherwise medtune's
+  medtune  `medtune.train.job.run_training` with the same LoRA shape, batch, length and lr, otherwise medtune's
            defaults (precision auto, ...): whatever the owned loop does by default is what is measured.
   qlora    the same medtune run on a 4-bit base (bitsandbytes NF4, double quantisation): QLoRA's speed and memory
            next to LoRA's (`qlora_vs_lora` in the results).
@@ -34,6 +34,7 @@ Threads: workers keep torch's default (one per core; OMP_NUM_THREADS is respecte
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -62,6 +63,7 @@ from medtune.bench.harness import (
 )
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
+from medtune.run.layout import METRICS
 
 log = logging.getLogger("medtune")
 
@@ -116,6 +118,10 @@ def validate(cfg: BenchConfig) -> None:
         raise MedtuneError("must be at least 16", field="--max-length")
     if cfg.batch_size < 1:
         raise MedtuneError("must be at least 1", field="--batch-size")
+    trl_systems = [s for s in cfg.systems if s in ("seed", "trl")]
+    if trl_systems and importlib.util.find_spec("trl") is None:
+        raise MedtuneError(f"the {' and '.join(trl_systems)} systems train with TRL: pip install 'medtune[bench]' "
+                           "(or --systems medtune,qlora)", field="--systems")
 
 
 # ---- data -----------------------------------------------------------------------------------------------------
@@ -349,7 +355,7 @@ def _medtune_worker(cfg: dict, quantized: bool = False) -> dict:
 
     from medtune.models import bf16_supported
     from medtune.recipe import load_recipe
-    from medtune.train.loop import run_training
+    from medtune.train.job import run_training
 
     out = Path(cfg["workdir"]) / "medtune-run"
     overrides = [f"model={cfg['model_dir']}", f"data.path={cfg['data_file']}", "data.format=text",
@@ -362,7 +368,7 @@ def _medtune_worker(cfg: dict, quantized: bool = False) -> dict:
         overrides += ["quant.load_in_4bit=true", "quant.quant_type=nf4", "quant.double_quant=true"]
     recipe = load_recipe(None, overrides)
     result = run_training(recipe)
-    steps = medtune_steps(result.run_dir / "metrics.jsonl")
+    steps = medtune_steps(result.run_dir / METRICS)
     precision = recipe.train.precision
     if precision == "auto":
         precision = "auto → " + ("bf16" if bf16_supported(torch.device("cpu")) else "fp32")

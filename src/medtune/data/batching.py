@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from medtune.data.render import IGNORE, Pair, Sample
+from medtune.data.render import IGNORE, Feedback, Pair, Sample
 
 
 @dataclass
@@ -62,6 +62,48 @@ def pad_collate(samples: list[Sample], pad_id: int, side: str = "right") -> Batc
 def pair_collate(pairs: list[Pair], pad_id: int, side: str = "right") -> Batch:
     """Preference pairs as one batch of 2N rows: the N chosen answers, then the N rejected ones, in pair order."""
     return pad_collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, side)
+
+
+@dataclass
+class FeedbackBatch(Batch):
+    """format=feedback (KTO): the N (prompt, answer) rows as a Batch, each answer's verdict, and the KL batch (the
+    same prompts with mismatched answers, `mismatched`) from which KTO estimates its reference point.
+    num_loss_tokens and num_tokens count the N rows only."""
+
+    labels: torch.Tensor  # (N,) bool: True = desirable
+    kl: Batch  # (N, T') rows: prompt i with answer i-1
+
+    def to(self, device: torch.device) -> FeedbackBatch:
+        return FeedbackBatch(**vars(super().to(device)), labels=self.labels.to(device), kl=self.kl.to(device))
+
+
+def answer_start(s: Sample) -> int:
+    """Position of a sample's first answer token: its first label after position 0 (which nothing predicts)."""
+    return next(i for i in range(1, len(s.labels)) if s.labels[i] != IGNORE)
+
+
+def mismatched(samples: list[Sample], max_length: int | None = None) -> list[Sample]:
+    """KTO's KL rows, as TRL 1.16 builds them: the answers rotated by one within the batch, so that row i is prompt i
+    with answer i-1 and row 0 takes the last answer: (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}). An answer is its
+    sample from the first answer token to the end, labels and all; a row longer than max_length is cut there, as
+    TRL's collator cuts it."""
+    starts = [answer_start(s) for s in samples]
+    rows = []
+    for i, s in enumerate(samples):
+        answer, at = samples[i - 1], starts[i - 1]
+        ids = s.input_ids[: starts[i]] + answer.input_ids[at:]
+        labels = [IGNORE] * starts[i] + answer.labels[at:]
+        rows.append(Sample(ids[:max_length], labels[:max_length], s.source, s.row))
+    return rows
+
+
+def feedback_collate(items: list[Feedback], pad_id: int, side: str = "right",
+                     max_length: int | None = None) -> FeedbackBatch:
+    """Feedback rows (KTO) as one padded batch, their labels, and their KL batch (`mismatched`), padded alike."""
+    samples = [f.sample for f in items]
+    kl = pad_collate(mismatched(samples, max_length), pad_id, side)
+    return FeedbackBatch(**vars(pad_collate(samples, pad_id, side)), labels=torch.tensor([f.label for f in items]),
+                         kl=kl)
 
 
 def pack_collate(rows: list[list[Sample]], pad_id: int) -> Batch:
@@ -141,7 +183,7 @@ class BatchPlan:
         return -(-n // self.batch_size)
 
 
-def iterate(samples: list[Sample] | list[Pair], plan: BatchPlan, epoch: int, pad_id: int, side: str,
+def iterate(samples: list[Sample] | list[Pair] | list[Feedback], plan: BatchPlan, epoch: int, pad_id: int, side: str,
             skip: int = 0) -> Iterator[Batch]:
     """Micro-batches of one epoch, skipping the first `skip` (resume)."""
     for rows in plan.rows(epoch)[skip:]:
@@ -149,5 +191,7 @@ def iterate(samples: list[Sample] | list[Pair], plan: BatchPlan, epoch: int, pad
             yield pack_collate([[samples[i] for i in row] for row in rows], pad_id)
         elif isinstance(samples[rows[0][0]], Pair):
             yield pair_collate([samples[row[0]] for row in rows], pad_id, side)
+        elif isinstance(samples[rows[0][0]], Feedback):
+            yield feedback_collate([samples[row[0]] for row in rows], pad_id, side, plan.max_length)
         else:
             yield pad_collate([samples[row[0]] for row in rows], pad_id, side)

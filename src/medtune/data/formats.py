@@ -9,12 +9,16 @@ Each format reads canonical fields, which `data.columns` can map to the file's o
   preference   prompt, chosen, rejected: strings, or chat-turn lists (TRL's conversational form: prompt turns
                ending with the user, chosen/rejected [{role: assistant, ...}]; without a prompt column, chosen
                and rejected are whole conversations ending with the answer)
+  feedback     prompt, completion, label: one answer and a reviewer's verdict on it (KTO). prompt and completion
+               as in preference (TRL's unpaired form); label true/false, also yes/no, up/down (thumbs), 1/0, as a
+               boolean, a number or text in any case
 """
 
 from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -36,6 +40,7 @@ class Example:
     row: int
     messages: list[dict[str, str]] | None = None  # chat formats
     text: str | None = None  # format=text
+    label: bool | None = None  # format=feedback: the reviewer's verdict on the answer (True = desirable)
 
 
 class RowError(MedtuneError):
@@ -56,6 +61,8 @@ def _column(row: Row, cfg: DataConfig, name: str, required: bool = True) -> Any:
 
 
 _FLOAT_NAMES = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+_SHORT_VALUE = reprlib.Repr()
+_SHORT_VALUE.maxstring, _SHORT_VALUE.maxother = 40, 40
 
 
 def _text(row: Row, cfg: DataConfig, name: str, required: bool = True) -> str:
@@ -119,18 +126,49 @@ def _turns_or_text(row: Row, cfg: DataConfig, name: str, role: str) -> list[dict
     return [{"role": role, "content": _text(row, cfg, name).strip()}]
 
 
+def _prompt_turns(row: Row, cfg: DataConfig) -> list[dict[str, str]]:
+    """The prompt column as chat turns; no prompt column: [] (the answers are then whole conversations)."""
+    has_prompt = cfg.columns.get("prompt", "prompt") in row.data
+    return _turns_or_text(row, cfg, "prompt", "user") if has_prompt else []
+
+
+def _answered(prompt: list[dict[str, str]], row: Row, cfg: DataConfig, name: str,
+              system_prompt: str | None) -> list[dict[str, str]]:
+    """The prompt turns followed by the answer column `name`, with the system prompt, in a checked turn order."""
+    messages = prompt + _turns_or_text(row, cfg, name, "assistant")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    check_turn_order(messages, row, cfg.columns.get(name, name))
+    return messages
+
+
 def to_pair(row: Row, cfg: DataConfig, system_prompt: str | None = None) -> tuple[Example, Example]:
     """format=preference: (prompt + chosen, prompt + rejected) as two conversations ending with the answer."""
-    has_prompt = cfg.columns.get("prompt", "prompt") in row.data
-    prompt = _turns_or_text(row, cfg, "prompt", "user") if has_prompt else []
-    pair = []
-    for name in ("chosen", "rejected"):
-        messages = prompt + _turns_or_text(row, cfg, name, "assistant")
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}, *messages]
-        check_turn_order(messages, row, cfg.columns.get(name, name))
-        pair.append(Example(row.source, row.number, messages=messages))
-    return pair[0], pair[1]
+    prompt = _prompt_turns(row, cfg)
+    chosen, rejected = (_answered(prompt, row, cfg, name, system_prompt) for name in ("chosen", "rejected"))
+    return Example(row.source, row.number, messages=chosen), Example(row.source, row.number, messages=rejected)
+
+
+LABEL_WORDS = {"true": True, "yes": True, "up": True, "1": True, "false": False, "no": False, "down": False, "0": False}
+
+
+def _label(row: Row, cfg: DataConfig) -> bool:
+    """format=feedback's verdict: a boolean, 1/0, or one of LABEL_WORDS in any case."""
+    value = _column(row, cfg, "label")
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise _bad(row, cfg.columns.get("label", "label"), f"expected true or false (also yes/no, up/down, 1/0), got "
+               f"{_SHORT_VALUE.repr(value)}", "bad label")
+
+
+def to_feedback(row: Row, cfg: DataConfig, system_prompt: str | None = None) -> Example:
+    """format=feedback: prompt + completion as one conversation ending with the answer, and its label."""
+    messages = _answered(_prompt_turns(row, cfg), row, cfg, "completion", system_prompt)
+    return Example(row.source, row.number, messages=messages, label=_label(row, cfg))
 
 
 def check_turn_order(messages: list[dict[str, str]], row: Row, field: str) -> None:
@@ -165,6 +203,8 @@ def _render(template: str, row: Row, field: str, limit: int) -> str:
 
 def to_example(row: Row, cfg: DataConfig, system_prompt: str | None = None) -> Example:
     fmt = cfg.format
+    if fmt == "feedback":
+        return to_feedback(row, cfg, system_prompt)
     if fmt == "text":
         return Example(row.source, row.number, text=_text(row, cfg, "text"))
     if fmt == "messages":

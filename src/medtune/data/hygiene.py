@@ -25,6 +25,7 @@ from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
+from medtune.data.benchmark_files import read_benchmark
 from medtune.data.formats import Example
 from medtune.errors import MedtuneError
 from medtune.recipe import DataConfig
@@ -49,7 +50,8 @@ def _ngrams(words: list[str], n: int) -> set[str]:
     return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def _jaccard(a: set, b: set) -> float:
+def jaccard(a: set, b: set) -> float:
+    """|a ∩ b| / |a ∪ b| (1.0 for two empty sets)."""
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
@@ -67,8 +69,6 @@ class BenchmarkIndex:
     """Every 13-gram of every benchmark item, mapped to the item (task, file:row)."""
 
     def __init__(self, specs: list[str]):
-        from medtune.eval.benchmarks import read_benchmark
-
         self.grams: dict[str, tuple[str, str]] = {}
         self.short: list[tuple[str, tuple[str, str]]] = []  # items under 13 words: whole normalised text
         self.checked: dict[str, int] = {}
@@ -128,7 +128,8 @@ def decontaminate(examples: list[Example], cfg: DataConfig) -> tuple[list[Exampl
 
 # ---------------------------------------------------------------- near-duplicates
 
-def _shingles(text: str) -> set[str]:
+def shingles(text: str) -> set[str]:
+    """The word 3-grams near-duplicate detection compares (a shorter text: its words as one shingle)."""
     words = normalise(text)
     return _ngrams(words, SHINGLE) if len(words) >= SHINGLE else {" ".join(words)}
 
@@ -148,12 +149,12 @@ def near_duplicates(examples: list[Example], cfg: DataConfig) -> tuple[list[Exam
             if first_draw[key]:
                 kept.append(ex)
             continue
-        shingles = _shingles(example_text(ex))
+        grams = shingles(example_text(ex))
         m = MinHash(num_perm=NUM_PERM, seed=1)
-        m.update_batch([s.encode("utf-8") for s in shingles])
-        twins = sorted(j for j in lsh.query(m) if _jaccard(shingles, shingled[j]) >= cfg.near_duplicate_threshold)
+        m.update_batch([s.encode("utf-8") for s in grams])
+        twins = sorted(j for j in lsh.query(m) if jaccard(grams, shingled[j]) >= cfg.near_duplicate_threshold)
         lsh.insert(i, m)
-        shingled[i] = shingles
+        shingled[i] = grams
         first_draw[key] = not (twins and cfg.near_duplicates == "drop")
         if twins:
             pairs.append(f"{_where(ex)} ~ {_where(examples[twins[0]])}")  # the earliest row it nearly copies
@@ -168,7 +169,8 @@ def near_duplicates(examples: list[Example], cfg: DataConfig) -> tuple[list[Exam
 # ---------------------------------------------------------------- PHI
 
 @cache
-def _recognizers() -> list:
+def phi_recognizers() -> list:
+    """presidio's pattern recognizers and medtune's, built once (a cached call)."""
     # presidio logs "Using device of type: cpu" at import and a line per recognizer loaded: quiet its logger first
     logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
     import tldextract
@@ -236,7 +238,7 @@ def _names(model: str):
 
 def find_phi(text: str, model: str | None = None) -> list[tuple[int, int, str]]:
     """Non-overlapping (start, end, entity) spans, longest first where recognizers disagree."""
-    results = [r for rec in _recognizers() for r in rec.analyze(text, rec.supported_entities, None)]
+    results = [r for rec in phi_recognizers() for r in rec.analyze(text, rec.supported_entities, None)]
     if model:
         engine, names = _names(model)
         results += names.analyze(text, ["PERSON"], engine.process_text(text, "en"))
@@ -311,3 +313,24 @@ def clean(examples: list[Example], cfg: DataConfig) -> tuple[list[Example], dict
 def _gone(before: list[Example], after: list[Example], reason: str) -> list[tuple[int, str]]:
     kept = {id(ex) for ex in after}
     return [(ex.row, reason) for ex in before if id(ex) not in kept]
+
+
+def hygiene_lines(h: dict) -> list[str]:
+    """The findings of `clean` (a DataReport's hygiene dict) as the report lines `medtune data check` prints."""
+    out = []
+    if "decontamination" in h:
+        d = h["decontamination"]
+        against = ", ".join(f"{k} ({n} items)" for k, n in d["checked_against"].items())
+        out.append(f"  benchmark overlap ({d['ngram']}-gram): {d['contaminated_rows']} rows "
+                   f"({'dropped' if d['action'] == 'drop' else 'kept'}) against {against}")
+        out += [f"    {e}" for e in d["examples"]]
+    if "near_duplicates" in h:
+        d = h["near_duplicates"]
+        out.append(f"  near-duplicates (Jaccard >= {d['threshold']}): {d['duplicate_rows']} rows "
+                   f"({'dropped' if d['action'] == 'drop' else 'kept'})" + (": " + ", ".join(d["examples"]) if d["examples"] else ""))
+    if "phi" in h:
+        d = h["phi"]
+        counts = ", ".join(f"{n} {e}" for e, n in d["counts"].items()) or "none found"
+        out.append(f"  PHI ({d['mode']}): {d['rows_with_phi']} rows with identifiers: {counts}; names {d['names']}")
+        out += [f"    {e}" for e in d["examples"]]
+    return out

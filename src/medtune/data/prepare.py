@@ -10,10 +10,10 @@ import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from medtune.data.formats import RowError, to_example, to_pair
-from medtune.data.hygiene import clean, scan_phi
+from medtune.data.formats import RowError, to_example, to_feedback, to_pair
+from medtune.data.hygiene import clean, hygiene_lines, scan_phi
 from medtune.data.readers import Row, read_rows
-from medtune.data.render import IGNORE, Dropped, Pair, Sample, render
+from medtune.data.render import IGNORE, Dropped, Feedback, Pair, Sample, render
 from medtune.errors import MedtuneError
 from medtune.recipe import DataConfig, DataSource, Recipe
 from medtune.tokenizer import ChatSetup
@@ -69,26 +69,6 @@ class DataReport:
         return out
 
 
-def hygiene_lines(h: dict) -> list[str]:
-    out = []
-    if "decontamination" in h:
-        d = h["decontamination"]
-        against = ", ".join(f"{k} ({n} items)" for k, n in d["checked_against"].items())
-        out.append(f"  benchmark overlap ({d['ngram']}-gram): {d['contaminated_rows']} rows "
-                   f"({'dropped' if d['action'] == 'drop' else 'kept'}) against {against}")
-        out += [f"    {e}" for e in d["examples"]]
-    if "near_duplicates" in h:
-        d = h["near_duplicates"]
-        out.append(f"  near-duplicates (Jaccard >= {d['threshold']}): {d['duplicate_rows']} rows "
-                   f"({'dropped' if d['action'] == 'drop' else 'kept'})" + (": " + ", ".join(d["examples"]) if d["examples"] else ""))
-    if "phi" in h:
-        d = h["phi"]
-        counts = ", ".join(f"{n} {e}" for e, n in d["counts"].items()) or "none found"
-        out.append(f"  PHI ({d['mode']}): {d['rows_with_phi']} rows with identifiers: {counts}; names {d['names']}")
-        out += [f"    {e}" for e in d["examples"]]
-    return out
-
-
 def _percentiles(lengths: list[int]) -> dict[str, int]:
     if not lengths:
         return {}
@@ -114,8 +94,9 @@ def marked_text(tok, sample: Sample) -> str:
     return "".join(pieces)
 
 
-def _halves(samples: list[Sample] | list[Pair]) -> list[Sample]:
-    return [h for s in samples for h in ((s.chosen, s.rejected) if isinstance(s, Pair) else (s,))]
+def _halves(samples: list[Sample] | list[Pair] | list[Feedback]) -> list[Sample]:
+    return [h for s in samples for h in ((s.chosen, s.rejected) if isinstance(s, Pair) else
+                                         (s.sample,) if isinstance(s, Feedback) else (s,))]
 
 
 def _clean_pairs(pairs: list[tuple], cfg, hygiene: dict | None) -> tuple[list[tuple], list[tuple[int, str]]]:
@@ -141,14 +122,15 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats:
     returns each kept row's conversation up to and with its first answer (sample prompts drawn from held-out rows)."""
     cfg = recipe.data
     system = recipe.tokenizer.system_prompt
-    preference = cfg.format == "preference"
+    preference, feedback = cfg.format == "preference", cfg.format == "feedback"
     report = PartReport(rows=len(rows))
     drops: list[tuple[int, str]] = []  # (row, reason), counted in row order
     examples = []
     settings = {}  # (file, row) → that row's data settings, for rendering it after the hygiene checks
     for row, row_cfg in zip(rows, formats, strict=True):
         try:
-            ex = to_pair(row, row_cfg, system) if preference else to_example(row, row_cfg, system)
+            ex = to_pair(row, row_cfg, system) if preference else to_feedback(row, row_cfg, system) if feedback \
+                else to_example(row, row_cfg, system)
         except RowError as e:
             if row_cfg.on_bad_row == "error":
                 raise
@@ -176,7 +158,8 @@ def _render_rows(rows: list[Row], recipe: Recipe, tok, chat: ChatSetup, formats:
                                                              last_answer_only=True) for half in ex)
                 sample, truncated = Pair(chosen, rejected), cut_c or cut_r
             else:
-                sample, truncated = render(ex, tok, row_cfg, chat.stop_tokens)
+                sample, truncated = render(ex, tok, row_cfg, chat.stop_tokens, last_answer_only=feedback)
+                sample = Feedback(sample, ex.label) if feedback else sample
         except Dropped as d:
             drops.append((first.row, d.reason))
             continue
@@ -201,8 +184,8 @@ def _first_exchange(ex) -> list[dict] | None:
 
 @dataclass
 class PreparedData:
-    train: list[Sample] | list[Pair]  # Pairs for data.format=preference
-    eval: list[Sample] | list[Pair]
+    train: list[Sample] | list[Pair] | list[Feedback]  # Pairs for data.format=preference, Feedback for feedback
+    eval: list[Sample] | list[Pair] | list[Feedback]
     report: DataReport
     eval_prompts: list[list[dict] | None] = field(default_factory=list)  # each held-out row up to its first answer
     eval_references: list[str | None] = field(default_factory=list)  # that first answer: the sample's reference
@@ -216,22 +199,6 @@ def split_rows(rows: list[Row], ratio: float, seed: int) -> tuple[list[Row], lis
     n_eval = min(len(rows) - 1, max(1, round(len(rows) * ratio)))  # always leave a row to train on
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
-
-
-def check_objective(recipe: Recipe) -> None:
-    """dpo/orpo train on preference pairs, sft on single answers: the two settings must agree."""
-    preference, objective = recipe.data.format == "preference", recipe.train.objective
-    if preference != (objective != "sft"):
-        need = "data.format=preference needs train.objective dpo or orpo" if preference else \
-            f"train.objective={objective} needs data.format=preference"
-        raise MedtuneError(f"{need} (data.format={recipe.data.format}, train.objective={objective})",
-                           field="train.objective")
-    if preference and recipe.data.train_on_prompt:
-        raise MedtuneError("preference objectives learn only the answers; set data.train_on_prompt=false",
-                           field="data.train_on_prompt")
-    if preference and "perplexity" in recipe.eval.after_train:
-        raise MedtuneError("eval.after_train perplexity reads single answers, not preference pairs; drop it or "
-                           "run `medtune eval` with --data", field="eval.after_train")
 
 
 def _read_source(spec: str, split: str, limit: int | None, where: str, max_row_bytes: int,
@@ -294,7 +261,6 @@ def mix_sources(recipe: Recipe) -> tuple[list[Row], list[DataConfig], list[Row],
 
 def prepare_data(recipe: Recipe, tok, chat: ChatSetup) -> PreparedData:
     cfg = recipe.data
-    check_objective(recipe)
     held_out = f"(held out: {cfg.eval_ratio:.0%}, seed {recipe.train.seed})"
     if cfg.sources or cfg.replay.path:
         train_rows, train_formats, eval_rows, eval_formats, counts = mix_sources(recipe)

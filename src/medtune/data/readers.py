@@ -20,10 +20,11 @@ from typing import Any
 from medtune.data import guard
 from medtune.data.guard import DEFAULT_MAX_ROW_BYTES
 from medtune.errors import MedtuneError
+from medtune.model_names import offline
 
 DEMO_FILES = {"terms": "terms.jsonl", "doctor_chats": "doctor_chats.jsonl", "remedies": "remedies.csv", "qa": "qa.jsonl",
               "preferences": "preferences.jsonl", "general": "general.jsonl", "rubrics": "rubrics.jsonl",
-              "benign": "benign.jsonl"}
+              "benign": "benign.jsonl", "feedback": "feedback.jsonl"}
 
 
 @dataclass
@@ -190,8 +191,6 @@ def read_rows(spec: str, split: str = "train", max_row_bytes: int = DEFAULT_MAX_
                            file=str(path), field="data.path")
     looks_like_hub = spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not path.suffix
     if looks_like_hub:
-        from medtune.models import offline
-
         if offline():
             raise MedtuneError("data file not found, and hub datasets need a connection (HF_HUB_OFFLINE is set)",
                                file=spec, field="data.path")

@@ -48,6 +48,18 @@ class Pair:
         return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
 
 
+@dataclass
+class Feedback:
+    """One feedback row (KTO): a prompt and one answer, loss only on the answer, and the reviewer's verdict."""
+
+    sample: Sample
+    label: bool  # True: desirable (thumbs up), False: undesirable
+
+    @property
+    def length(self) -> int:  # what batching plans with
+        return len(self.sample.input_ids)
+
+
 class Dropped(Exception):
     """A row skipped on purpose (counted by reason in the data report)."""
 
@@ -97,7 +109,7 @@ def _last_run(mask: list[int]) -> list[int]:
 
 def render(ex: Example, tok, cfg: DataConfig, stop_tokens: list[str], last_answer_only: bool = False) -> tuple[Sample, bool]:
     """Returns (sample, truncated). Raises Dropped for rows skipped by policy, MedtuneError for user errors.
-    `last_answer_only`: loss only on the final assistant answer (preference completions)."""
+    `last_answer_only`: loss only on the final assistant answer (preference and feedback completions)."""
     if ex.text is not None:
         starts_with_bos = tok.bos_token is not None and ex.text.startswith(tok.bos_token)
         ids = tok(ex.text, add_special_tokens=not starts_with_bos)["input_ids"]

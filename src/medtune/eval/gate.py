@@ -26,18 +26,18 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from medtune.data.benchmark_files import BENCHMARKS, read_benchmark
 from medtune.errors import MedtuneError
-from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
 from medtune.eval.forest import forest_plot
 from medtune.eval.probes import PROBE_TASKS
 from medtune.eval.report import write_json
 from medtune.eval.results import TaskResult
 from medtune.eval.suite import TASKS, EvalOptions, _statistics, check_task_data, run_eval
 from medtune.generate import Loaded
-from medtune.recipe import GateConfig, Recipe, load_recipe
+from medtune.recipe import GateConfig, Recipe
 from medtune.run.card import number, table, write_card
-from medtune.run.layout import CARD, GATE, GATE_PLOT, RECIPE
-from medtune.run.meta import is_run_dir
+from medtune.run.layout import CARD, GATE, GATE_PLOT
+from medtune.run.run import Run
 
 log = logging.getLogger("medtune")
 
@@ -143,9 +143,10 @@ def gate_config(run_dir: str | Path, config: str | None = None, *, data: list[st
                 limit: int | None = None, bootstrap: int | None = None) -> GateConfig:
     """`medtune gate`'s config: the --config file (a gate.yaml: the recipe's `gate:` keys), else the run's recipe
     `gate:` section; then --data TASK=PATH (added to the suite), --limit and --bootstrap over it."""
-    if not is_run_dir(run_dir):
+    run = Run(run_dir)
+    if not run.is_run:
         raise MedtuneError("medtune gate needs a run directory (base model + adapter)", file=str(run_dir))
-    cfg = read_gate_yaml(config) if config else load_recipe(Path(run_dir) / RECIPE).gate
+    cfg = read_gate_yaml(config) if config else run.recipe().gate
     paths = dict(cfg.data)
     for value in data or []:
         task, sep, path = value.partition("=")
@@ -188,7 +189,7 @@ def read_gate_yaml(path: str | Path) -> GateConfig:
 
 def has_held_out(run_dir: str | Path) -> bool:
     """Does the run's recipe hold rows out (data.eval_path, or data.eval_ratio > 0)?"""
-    data = load_recipe(Path(run_dir) / RECIPE).data
+    data = Run(run_dir).recipe().data
     return bool(data.eval_path) or data.eval_ratio > 0
 
 

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from medtune.data.benchmark_files import Subset, read_benchmark
 from medtune.errors import MedtuneError
-from medtune.eval.benchmarks import Subset, read_benchmark, write_tasks
+from medtune.eval.benchmarks import write_tasks
 from medtune.eval.calibration import ece, item_calibration
 from medtune.generate import Loaded
 

@@ -15,7 +15,7 @@ from medtune.data.readers import read_rows
 from medtune.data.render import Sample
 from medtune.errors import MedtuneError
 from medtune.recipe import Recipe, load_recipe
-from medtune.run.meta import is_run_dir
+from medtune.run.run import Run
 from medtune.tokenizer import prepare_tokenizer
 
 UNLIMITED = 10**9  # data.max_length for evaluation: no truncation
@@ -24,8 +24,10 @@ UNLIMITED = 10**9  # data.max_length for evaluation: no truncation
 def eval_recipe(model_or_run: str, data: str | None, recipe: str | None = None,
                 overrides: list[str] | None = None) -> Recipe:
     """The recipe whose data section says how to read evaluation rows (see module doc)."""
-    source = recipe or (Path(model_or_run) / "recipe.yaml" if is_run_dir(model_or_run) else None)
-    extra = [f"data.max_length={UNLIMITED}", "data.overlong=truncate"]
+    run = Run(model_or_run)
+    source = recipe or (run.recipe_path if run.is_run else None)
+    # samples.from_eval=0: evaluation draws no sample prompts, so a run's from_eval does not refuse data.format=text
+    extra = [f"data.max_length={UNLIMITED}", "data.overlong=truncate", "samples.from_eval=0"]
     if data:
         extra += [f"data.path={data}", "data.eval_ratio=0", "data.eval_path=null", "data.limit=null",
                   "data.sources=[]", "data.replay.path=null"]  # that file alone, not the run's mix

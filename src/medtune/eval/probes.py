@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medtune.data.benchmark_files import BENCHMARKS, Item, Subset, read_benchmark
 from medtune.errors import MedtuneError
-from medtune.eval.benchmarks import BENCHMARKS, Item, Subset, read_benchmark, write_tasks
+from medtune.eval.benchmarks import write_tasks
 from medtune.eval.calibration import item_calibration
 from medtune.eval.compare import mean_of
 from medtune.generate import Loaded

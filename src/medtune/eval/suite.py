@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medtune.data.benchmark_files import BENCHMARKS, read_benchmark
 from medtune.errors import MedtuneError
-from medtune.eval.benchmarks import BENCHMARKS, read_benchmark
 from medtune.eval.calibration import ece
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
 from medtune.eval.judge import JudgeClassifier, chat_endpoint, make_judge
@@ -30,7 +30,7 @@ from medtune.eval.rouge import bleu, generate_batch, rouge_l, score
 from medtune.eval.rubrics import grade, read_rubrics, score_items
 from medtune.eval.safety import SAFETY_TASKS, category_intervals, data_for, read_items, run_safety
 from medtune.eval.safety import statistics as safety_statistics
-from medtune.generate import Loaded
+from medtune.generate import Loaded, load_for_inference
 from medtune.run.meta import is_run_dir
 
 log = logging.getLogger("medtune")
@@ -241,8 +241,6 @@ def run_eval(opts: EvalOptions, loaded: Loaded | None = None, caches: dict[str, 
     """Every task of opts on one loaded model (loaded here unless given); `caches`/`bases` by task, see run_task."""
     check_options(opts)
     if loaded is None:
-        from medtune.generate import load_for_inference
-
         loaded = load_for_inference(opts.model, device=opts.device, precision=opts.precision)
     caches, bases = caches or {}, bases or {}
     return [run_task(loaded, task, opts, caches.get(task), bases.get(task)) for task in opts.tasks]

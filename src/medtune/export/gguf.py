@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.errors import MedtuneError
-from medtune.export.merge import MERGE_INFO, check_run, merge_run
+from medtune.export.merge import MERGE_INFO, default_sampling, merge_run
 from medtune.export.quantize import LLAMA_FTYPES, quantize, require_llama_cpp
-from medtune.models import medtune_home, resolve_model
-from medtune.run.meta import is_run_dir
+from medtune.models import load_tokenizer, medtune_home, resolve_model
+from medtune.run.card import NOT_MEDICAL_ADVICE
+from medtune.run.run import Run
 
 log = logging.getLogger("medtune")
 
@@ -179,19 +180,10 @@ def _quoted(text: str) -> str:
     return f'"""{text}"""'
 
 
-def default_sampling() -> dict[str, float]:
-    """medtune generate/chat's defaults, in Ollama's PARAMETER names."""
-    from medtune.generate import REPETITION_PENALTY
-
-    return {"temperature": 0.0, "repeat_penalty": REPETITION_PENALTY, "num_predict": 256}
-
-
 def modelfile(gguf_name: str, tok, stop_tokens: list[str], system: str | None,
               sampling: dict[str, float] | None = None) -> tuple[str, str | None]:
     """(Modelfile text, template family or None) for `FROM ./<gguf_name>`; `sampling` (Ollama PARAMETER name →
     value, default `default_sampling()`) makes Ollama answer as `medtune chat` does by default."""
-    from medtune.run.card import NOT_MEDICAL_ADVICE
-
     family, default_system = match_go_template(tok)
     lines = [f"# Ollama Modelfile written by medtune. Use: ollama create NAME -f {Path(gguf_name).stem}.Modelfile",
              f"# {NOT_MEDICAL_ADVICE}", f"FROM ./{gguf_name}"]
@@ -231,8 +223,6 @@ def _chat_info(model_dir: Path, tok) -> tuple[list[str], str | None, dict | None
 
 def export_gguf(source: str, out: str | Path, quant: str = "f16") -> ExportResult:
     """Write `out` (.gguf) and `<out stem>.Modelfile` from a run directory (merged first) or a model folder/name."""
-    from medtune.models import load_tokenizer
-
     if quant not in QUANTS:
         raise MedtuneError(f"unknown quantisation '{quant}': use {', '.join(QUANTS)}", field="--quant")
     out = Path(out)
@@ -242,14 +232,15 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> ExportResul
     for path in (out, card):
         if path.exists():
             raise MedtuneError("already exists; remove it or choose another --out", file=str(path))
-    if is_run_dir(source):
-        check_run(source)  # a missing or broken adapter: one error before the converter is set up
+    run = Run(source)
+    if run.is_run:
+        run.validate()  # a missing or broken adapter: one error before the converter is set up
     out.parent.mkdir(parents=True, exist_ok=True)
     converter_env()  # before a long merge: a converter that cannot be installed fails at once
     if quant in LLAMA_FTYPES:
         require_llama_cpp(f"--quant {quant}")
     with tempfile.TemporaryDirectory(prefix=".medtune-merge-", dir=out.parent) as scratch:
-        if is_run_dir(source):
+        if run.is_run:
             log.info("merging %s (%s) before conversion", source, MERGE_DTYPE[quant])
             model_dir = merge_run(source, Path(scratch) / "merged", dtype=MERGE_DTYPE[quant])
         else:

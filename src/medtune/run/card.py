@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from medtune.data.hygiene import redact_identifiers
+from medtune.data.hygiene import hygiene_lines, redact_identifiers
+from medtune.model_names import hub_id_of
 from medtune.recipe import Recipe
 from medtune.run.layout import CARD, DATA_REPORT, EVAL, GATE, GATE_PLOT, METRICS_FINAL, PLOTS, RECIPE, SAMPLES
 from medtune.run.meta import RunMeta, read_run_meta
@@ -32,7 +33,6 @@ NOT_FACT_CHECKED = ("These answers are not fact-checked: nobody verified them, a
                     "well the model fits the style of its data, not whether an answer is true. Compare them with the "
                     "reference answer where one is shown.")
 _PLOT_ORDER = ("loss", "perplexity", "learning_rate", "grad_norm")  # loss first; any other plot after these
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # (pattern in the lower-cased hub id, Hub licence id), first match wins
 _LICENSES = [("smollm", "apache-2.0"), ("llama-3.2", "llama3.2"), ("llama-3", "llama3"), ("llama-2", "llama2")]
 _EVAL_SHOWN = ("acc", "acc_norm", "ece", "brier", "perplexity", "loss", "tokens", "rougeL", "bleu", "score",
@@ -173,8 +173,6 @@ def training_data(report: dict | None) -> str:
         text += "\n\n" + table(["split", "rows", "kept", "truncated", "dropped", "tokens", "loss tokens", "length"],
                                rows)
     if report.get("hygiene"):
-        from medtune.data.prepare import hygiene_lines
-
         text += "\n\nData hygiene (`medtune data check`):\n\n```text\n" + "\n".join(
             public_text(line.strip()) for line in hygiene_lines(report["hygiene"])) + "\n```"
     if report.get("example"):
@@ -323,18 +321,6 @@ def merged_card(run: Path, dtype: str) -> str:
             f"> **{NOT_MEDICAL_ADVICE}**")
     title, _, rest = card.partition("\n")
     return f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n{title}\n\n{note}\n{rest}"
-
-
-def hub_id_of(name: str) -> str | None:
-    """The hub id of a model name: an alias's id, an `org/name` that is not a local path, else None."""
-    from medtune.models import ALIASES
-
-    alias = ALIASES.get(name.lower())
-    if alias is not None:
-        return alias.hub_id
-    if _HUB_ID.fullmatch(name) and not Path(name).expanduser().exists():
-        return name
-    return None
 
 
 # --- markdown helpers (also eval/report.py's) -----------------------------------------------------------------

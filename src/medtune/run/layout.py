@@ -14,7 +14,9 @@ runs/<name>/
   gate.json           `medtune gate` / eval.gate: every axis's verdict and the overall pass/fail (eval/gate.py)
   plots/gate.png      the gate's forest plot: delta and 95% interval per axis, tolerance marked (eval/forest.py)
   eval/<task>.json    `medtune eval` / eval.after_train results (and <task>.md)
-  checkpoints/step-N/ resumable checkpoints
+  checkpoints/step-N/ resumable checkpoints: the adapter files, trainer_state.json (step, data position),
+                      training.pt (optimizer, scheduler, RNG states) (train/checkpoint.py)
+  .medtune.lock       held while a training writes the run (run/lock.py)
   tensorboard/, wandb/, mlflow.db   trackers (report_to)
   README.md           the model card (run/card.py)
 ```
@@ -23,6 +25,10 @@ runs/<name>/
 from __future__ import annotations
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# the tokenizer as transformers saves it (which of them a tokenizer writes depends on its kind)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
+GENERATION_CONFIG = "generation_config.json"
 META = "medtune.json"
 RECIPE = "recipe.yaml"
 DATA_REPORT = "data_report.json"
@@ -38,3 +44,17 @@ MLFLOW_DB = "mlflow.db"
 CARD = "README.md"
 GATE = "gate.json"
 GATE_PLOT = f"{PLOTS}/gate.png"
+LOCK = ".medtune.lock"
+STEP_PREFIX = "step-"  # checkpoints/step-0000012
+TRAINER_STATE = "trainer_state.json"
+TRAINING_STATE = "training.pt"
+
+
+def step_name(step: int) -> str:
+    """A checkpoint folder's name: step-0000012 (zero-padded, so names sort as steps do)."""
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def is_step_name(name: str) -> bool:
+    """Is `name` a checkpoint folder's name (not a half-written `step-N.tmp` or a replaced `step-N.old`)?"""
+    return name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit()

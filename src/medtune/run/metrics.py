@@ -42,6 +42,15 @@ _PLOTS = [
 ]
 
 
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Every row of RUN/metrics.jsonl, in the order logged ([] before the first log call)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    with path.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 @dataclass
 class _Tracker:
     name: str
@@ -86,11 +95,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict]:
         """Every row of metrics.jsonl, in the order logged."""
-        path = self.path / METRICS
-        if not path.exists():
-            return []
-        with path.open(encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_metrics(self.path)
 
     def plots(self, final: dict[str, float] | None = None) -> list[Path]:
         """Draw plots/loss.png, learning_rate.png and grad_norm.png from metrics.jsonl, and plots/perplexity.png

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medtune.errors import MedtuneError
 from medtune.serve.engine import Engine, Job, QueueFull, Result, Route
 from medtune.serve.gate import DEFAULT_MAX_BODY_BYTES, Gate
+from medtune.serve.load import load_engine
 from medtune.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -400,7 +401,7 @@ def run_server(model_or_run: str, adapters: list[str], *, host: str = "127.0.0.1
             raise MedtuneError(f"serving on {host} (not loopback) needs --api-key (or ${API_KEY_ENV}); pass "
                                "--allow-no-key to serve anyone who can reach this address", field="--host")
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
-    engine = Engine.load(model_or_run, named, device=device, precision=precision, max_queue=max_queue,
+    engine = load_engine(model_or_run, named, device=device, precision=precision, max_queue=max_queue,
                          max_tokens=max_tokens, max_batch=max_batch)
     log.info("serving %s on http://%s:%d/v1 (not medical advice)", ", ".join(engine.routes), host, port)
     app = create_app(engine, api_key=api_key, host=host, max_body_bytes=max_body_bytes)

@@ -32,9 +32,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from medtune.errors import MedtuneError
 from medtune.generate import load_for_inference
-from medtune.models import load_tokenizer, resolve_model
-from medtune.run.adapter import check_adapter
-from medtune.run.meta import is_run_dir, read_run_meta
+from medtune.models import resolve_model
+from medtune.run.run import Run
 
 log = logging.getLogger("medtune")
 
@@ -199,6 +198,23 @@ def batch_key(job: Job) -> tuple:
             job.temperature if sampling else 0.0, job.top_p if sampling else 1.0)
 
 
+def _attach(model, run: Run, name: str, peft_name: str, base: tuple[str, str]) -> tuple[torch.nn.Module, Route]:
+    """`model` with the adapter of `run` added as `peft_name`, and its route `name` (with the run's tokenizer and
+    stops). `base`: the server's (name, folder); the run must have been trained on it, with a tokenizer that fits."""
+    base_name, base_path = base
+    run.validate(field="--adapter")
+    meta = run.meta
+    if Path(meta.base_model_path).resolve() != Path(base_path).resolve():
+        raise MedtuneError(f"adapter '{name}' was trained on {meta.base_model_path}, but the server's base "
+                           f"is {base_path}; serve it on its own base", file=str(run.path), field="--adapter")
+    tok, vocab = run.tokenizer(), model.get_input_embeddings().num_embeddings
+    if len(tok) > vocab:
+        raise MedtuneError(f"adapter '{name}' has a tokenizer of {len(tok)} tokens, the base has {vocab} "
+                           "embeddings; serve it on its own", file=str(run.path), field="--adapter")
+    route = Route(name, peft_name, tok, meta.stop_token_ids, meta.pad_token_id, meta.max_length, parent=base_name)
+    return run.attach(model, peft_name), route
+
+
 class Engine:
     """The model, its routes (servable ids) and the worker. `submit` queues a Job or raises QueueFull; the
     worker thread (`start`/`close`, tied to the app's lifespan) answers jobs in batches via their `emit`."""
@@ -213,20 +229,15 @@ class Engine:
         self._cond = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+
     @classmethod
     def load(cls, model_or_run: str, adapters: dict[str, str] | None = None, *, device: str = "auto",
              precision: str = "auto", max_queue: int = 16, max_tokens: int = 512, max_batch: int = 4) -> Engine:
         """The base of `model_or_run` (a model, or a run whose adapter is served under the run folder's name)
-        plus `adapters` {name: run dir}, every one trained on that same base. A .gguf file: a GgufEngine."""
-        if str(model_or_run).endswith(".gguf"):
-            from medtune.serve.gguf_engine import GgufEngine  # here, not at the top: it subclasses Engine
-
-            return GgufEngine.load(model_or_run, adapters, max_queue=max_queue, max_tokens=max_tokens)
-        adapters = dict(adapters or {})
+        plus `adapters` {name: run dir}, every one trained on that same base. (A .gguf file: serve/load.py.)"""
         loaded = load_for_inference(model_or_run, device=device, precision=precision)
-        model = loaded.model
         if loaded.has_adapter:
-            meta = read_run_meta(model_or_run)
+            meta = Run(model_or_run).meta
             base_name, base_path = meta.base_model, meta.base_model_path
         else:
             base_name, base_path = model_or_run, resolve_model(model_or_run)
@@ -234,29 +245,13 @@ class Engine:
         if loaded.has_adapter:
             routes.append(Route(Path(model_or_run).resolve().name, "default", loaded.tok, loaded.stop_token_ids,
                                 loaded.pad_token_id, loaded.max_length, parent=base_name))
-        vocab = model.get_input_embeddings().num_embeddings
-        for i, (name, run) in enumerate(adapters.items()):
+        model = loaded.model
+        for i, (name, run) in enumerate(dict(adapters or {}).items()):
             if name in {r.name for r in routes}:
                 raise MedtuneError(f"the name '{name}' is already taken (by the base or another adapter)",
                                    field="--adapter")
-            if not is_run_dir(run):
-                raise MedtuneError("not a medtune run directory (no medtune.json)", file=str(run), field="--adapter")
-            check_adapter(run)
-            meta = read_run_meta(run)
-            if Path(meta.base_model_path).resolve() != Path(base_path).resolve():
-                raise MedtuneError(f"adapter '{name}' was trained on {meta.base_model_path}, but the server's base "
-                                   f"is {base_path}; serve it on its own base", file=str(run), field="--adapter")
-            tok = load_tokenizer(run)
-            if len(tok) > vocab:
-                raise MedtuneError(f"adapter '{name}' has a tokenizer of {len(tok)} tokens, the base has {vocab} "
-                                   "embeddings; serve it on its own", file=str(run), field="--adapter")
-            peft_name = f"adapter-{i}"
-            if isinstance(model, PeftModel):
-                model.load_adapter(run, adapter_name=peft_name)
-            else:
-                model = PeftModel.from_pretrained(model, run, adapter_name=peft_name)
-            routes.append(Route(name, peft_name, tok, meta.stop_token_ids, meta.pad_token_id,
-                                meta.max_length, parent=base_name))
+            model, route = _attach(model, Run(run), name, f"adapter-{i}", (base_name, base_path))
+            routes.append(route)
         model.eval()
         return cls(model, routes, max_queue=max_queue, max_tokens=max_tokens, max_batch=max_batch,
                    autocast=loaded.autocast)

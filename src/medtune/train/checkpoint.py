@@ -29,11 +29,18 @@ from safetensors.torch import load_file
 
 from medtune.errors import MedtuneError
 from medtune.run.adapter import adapter_problem
-from medtune.run.layout import ADAPTER_FILES, CHECKPOINTS, METRICS, RECIPE
+from medtune.run.layout import (
+    ADAPTER_FILES,
+    CHECKPOINTS,
+    METRICS,
+    RECIPE,
+    TRAINER_STATE,
+    TRAINING_STATE,
+    step_name,
+)
+from medtune.run.run import Run
 
 log = logging.getLogger("medtune")
-
-STATE = "trainer_state.json"
 
 
 @dataclass
@@ -64,7 +71,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
                     adapter_state: dict | None = None) -> Path:
     """Write checkpoints/step-N atomically; then keep only the newest `keep_last_n` (0 = all).
     `adapter_state`: the full model state dict when the model is sharded (FSDP, ZeRO-3) and was gathered."""
-    final = checkpoint_dir(run_dir) / f"step-{state.step:07d}"
+    final = checkpoint_dir(run_dir) / step_name(state.step)
     tmp = final.with_name(final.name + ".tmp")
     with writing(final, f"checkpoint step {state.step}"):
         try:
@@ -77,9 +84,10 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, blob)
-            (tmp / "training.pt").write_bytes(blob.getbuffer())
-            (tmp / STATE).write_text(json.dumps({"step": state.step, "base_eval": state.base_eval, "micro": state.micro,
-                                                 "skipped": state.skipped}), encoding="utf-8")
+            (tmp / TRAINING_STATE).write_bytes(blob.getbuffer())
+            (tmp / TRAINER_STATE).write_text(json.dumps({"step": state.step, "base_eval": state.base_eval,
+                                                         "micro": state.micro, "skipped": state.skipped}),
+                                             encoding="utf-8")
             _sync_dir(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -135,14 +143,12 @@ def _sync_dir(path: Path) -> None:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoints, oldest first; `*.tmp` (half-written) and `*.old` directories never count."""
-    return sorted(p for p in checkpoint_dir(run_dir).glob("step-*") if p.is_dir() and p.name[5:].isdigit()
-                  and (p / STATE).is_file())
+    """Finished checkpoints, oldest first (`Run.checkpoints`)."""
+    return Run(run_dir).checkpoints()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = complete_checkpoints(run_dir)
-    return done[-1] if done else None
+    return Run(run_dir).latest_checkpoint()
 
 
 def check_same_adapter(run_dir: Path, lora: dict) -> None:
@@ -172,7 +178,7 @@ def resume_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[Path,
             try:
                 return ckpt, load_checkpoint(ckpt, model, optimizer, scheduler)
             except (RuntimeError, OSError, ValueError, KeyError, EOFError) as e:
-                problem = (str(ckpt / "training.pt"), f"cannot be read ({str(e).splitlines()[0][:200]})")
+                problem = (str(ckpt / TRAINING_STATE), f"cannot be read ({str(e).splitlines()[0][:200]})")
         log.warning("checkpoint %s is damaged: %s %s; falling back to the previous complete checkpoint",
                     ckpt.name, Path(problem[0]).name, problem[1])
     raise MedtuneError(f"resume=true but none of the run's {len(done)} checkpoints can be loaded (see the "
@@ -180,15 +186,15 @@ def resume_checkpoint(run_dir: Path, model, optimizer, scheduler) -> tuple[Path,
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
-    blob = torch.load(path / "training.pt", weights_only=True)
+    set_peft_model_state_dict(model, load_file(path / ADAPTER_FILES[0]))
+    blob = torch.load(path / TRAINING_STATE, weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
     random.setstate(_as_tuple(blob["python_rng"]))
     if blob["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
-    meta = json.loads((path / STATE).read_text(encoding="utf-8"))
+    meta = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
     return TrainState(step=meta["step"], base_eval=meta.get("base_eval", {}), micro=meta["micro"],
                       skipped=meta.get("skipped", []))
 

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 from medtune.errors import MedtuneError
-
-LOCK = ".medtune.lock"
+from medtune.run.layout import LOCK
 
 
 class RunLock:
