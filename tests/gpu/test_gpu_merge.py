@@ -8,7 +8,8 @@ import json
 
 import pytest
 import torch
-from gpu_env import GPU, losses, medtune, run_meta, train
+from conftest import losses
+from gpu_env import GPU, medtune, run_meta, train
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
