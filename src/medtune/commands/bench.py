@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from medtune.bench import eval_speed, generate_speed, scale, serve_load, train_speed
 from medtune.bench.harness import parse_systems
-from medtune.commands.common import args_for, command_line, options_from_args
+from medtune.commands.common import PRECISIONS, args_for, command_line, options_from_args
 
 
 def register(sub) -> None:
@@ -102,7 +102,7 @@ def register_eval(sub) -> None:
                    "../shared/data/safety/medsafetybench/train)")
     q.add_argument("--medsafety-limit", type=int, default=10, help="medsafety items per category (9 categories)")
     q.add_argument("--batch-size", type=int, default=16, help="medtune's batch size (generation: half of it)")
-    q.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="medtune's precision")
+    q.add_argument("--precision", default="auto", choices=PRECISIONS, help="medtune's precision")
     q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
     q.set_defaults(func=cmd_bench_eval)
 

@@ -9,6 +9,8 @@ from medtune.export.gguf import export_gguf
 from medtune.export.merge import merge_run
 from medtune.push import push_run
 
+DTYPES = ["bf16", "fp16", "fp32"]  # weight types a merged model is saved in
+
 
 def register(sub) -> None:
     """merge and export (push: register_push, listed after ui in `medtune --help`)."""
@@ -17,7 +19,7 @@ def register(sub) -> None:
                        "adapter, save safetensors + tokenizer + generation config + model card.")
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("--out", required=True, help="new folder for the merged model")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight type of the saved model")
+    p.add_argument("--dtype", default="bf16", choices=DTYPES, help="weight type of the saved model")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="a GGUF file for llama.cpp / Ollama, with an Ollama Modelfile",
@@ -39,7 +41,7 @@ def register_push(sub) -> None:
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
     p.add_argument("--merged", action="store_true", help="merge the adapter into the base and upload full weights")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight type with --merged")
+    p.add_argument("--dtype", default="bf16", choices=DTYPES, help="weight type with --merged")
     p.add_argument("--private", action="store_true", help="create the repository as private")
     p.add_argument("--base-model", default=None, metavar="ORG/NAME", help="hub id of the base model, written to "
                    "adapter_config.json; needed when the run trained on a local folder")
