@@ -100,7 +100,7 @@ def call_of(argv: list[str]) -> tuple[tuple, dict]:
 
 
 def test_eval_flags_build_the_options_the_hand_copy_built(monkeypatch):
-    stop_at(monkeypatch, evaluate, "run_eval")
+    stop_at(monkeypatch, evaluate.suite, "run_eval")
     argv = ["eval", "m", "--task", "medqa,rouge", "--task", "perplexity", "--data", "medqa=a.jsonl", "--data",
             "rouge=b.jsonl", "--fewshot", "2", "--fewshot-data", "medqa=s.jsonl", "--limit", "5", "--batch-size", "3",
             "--compare-base", "--bootstrap", "50", "--json", "o.json", "--no-save", "--all-tokens", "--window", "64",
@@ -118,19 +118,19 @@ def test_eval_flags_build_the_options_the_hand_copy_built(monkeypatch):
 
 
 def test_gate_flags_reach_the_config_and_the_run(monkeypatch):
-    stop_at(monkeypatch, evaluate, "gate_config")
+    stop_at(monkeypatch, evaluate.gate, "gate_config")
     argv = ["gate", "RUN", "--config", "g.yaml", "--data", "medqa=x.jsonl", "--limit", "4", "--bootstrap", "99",
             "--batch-size", "2", "--precision", "bf16", "--device", "cpu"]
     assert call_of(argv) == (("RUN",), {"config": "g.yaml", "data": ["medqa=x.jsonl"], "limit": 4, "bootstrap": 99})
     cfg = object()
-    monkeypatch.setattr(evaluate, "gate_config", lambda *a, **kw: cfg)
-    stop_at(monkeypatch, evaluate, "run_gate")
+    monkeypatch.setattr(evaluate.gate, "gate_config", lambda *a, **kw: cfg)
+    stop_at(monkeypatch, evaluate.gate, "run_gate")
     assert call_of(argv) == (("RUN", cfg), {"command": command_line(), "batch_size": 2, "precision": "bf16",
                                             "device": "cpu"})
 
 
 def test_serve_flags_reach_run_server(monkeypatch):
-    stop_at(monkeypatch, serve, "run_server")
+    stop_at(monkeypatch, serve.app, "run_server")
     argv = ["serve", "m", "--adapter", "a=runs/a", "--host", "0.0.0.0", "--port", "9", "--allow-no-key",
             "--max-body-bytes", "10", "--max-queue", "2", "--max-tokens", "3", "--max-batch", "1", "--device", "cpu"]
     want = {"host": "0.0.0.0", "port": 9, "api_key": None, "allow_no_key": True, "max_body_bytes": 10,
@@ -144,14 +144,14 @@ def test_serve_flags_reach_run_server(monkeypatch):
 
 
 SHIPPING = {
-    "ui": (ui, "launch_ui", ["ui", "RUN", "--host", "h", "--port", "1", "--share", "--system", "s", "--template",
+    "ui": (ui.web, "launch_ui", ["ui", "RUN", "--host", "h", "--port", "1", "--share", "--system", "s", "--template",
                              "chatml", "--device", "cpu"],
            (("RUN",), {"host": "h", "port": 1, "share": True, "device": "cpu", "template": "chatml", "system": "s"})),
-    "merge": (export, "merge_run", ["merge", "RUN", "--out", "o", "--dtype", "fp16"],
+    "merge": (export.merge, "merge_run", ["merge", "RUN", "--out", "o", "--dtype", "fp16"],
               ((), {"run": "RUN", "out": "o", "dtype": "fp16"})),
-    "export": (export, "export_gguf", ["export", "RUN", "--quant", "q8_0", "--out", "m.gguf"],
+    "export": (export.gguf, "export_gguf", ["export", "RUN", "--quant", "q8_0", "--out", "m.gguf"],
                (("RUN",), {"out": "m.gguf", "quant": "q8_0"})),
-    "push": (export, "push_run", ["push", "RUN", "--repo-id", "o/n", "--merged", "--dtype", "fp32", "--private",
+    "push": (export.push, "push_run", ["push", "RUN", "--repo-id", "o/n", "--merged", "--dtype", "fp32", "--private",
                                   "--base-model", "b/m"],
              ((), {"run": "RUN", "repo_id": "o/n", "merged": True, "private": True, "dtype": "fp32",
                    "base_model": "b/m"})),

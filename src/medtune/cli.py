@@ -9,8 +9,6 @@ import os
 import sys
 import warnings
 
-import transformers
-
 from medtune.commands import bench, data, export, generate, serve, train, ui
 from medtune.commands import eval as evaluate
 from medtune.errors import MedtuneError
@@ -25,6 +23,8 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if not verbose else logging.DEBUG, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not verbose:
+        import transformers  # heavy (~1.5 s): only once a command runs, never for --help
+
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         for noisy in ("peft", "bitsandbytes", "datasets", "httpx", "accelerate", "lm_eval", "lm-eval"):

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from medtune.bench import eval_speed, generate_speed, scale, serve_load, train_speed
-from medtune.bench.harness import parse_systems
 from medtune.commands.common import PRECISIONS, args_for, command_line, options_from_args
+from medtune.lazy import lazy
+
+eval_speed = lazy("medtune.bench.eval_speed")
+generate_speed = lazy("medtune.bench.generate_speed")
+harness = lazy("medtune.bench.harness")
+scale = lazy("medtune.bench.scale")
+serve_load = lazy("medtune.bench.serve_load")
+train_speed = lazy("medtune.bench.train_speed")
 
 
 def register(sub) -> None:
@@ -130,7 +136,7 @@ def cmd_bench_scale(args) -> int:
 
 def cmd_bench_generate(args) -> int:
     result = generate_speed.run_bench(**args_for(generate_speed.run_bench, args, json_path=args.json,
-                                                 systems=parse_systems(args.systems, generate_speed.SYSTEMS),
+                                                 systems=harness.parse_systems(args.systems, generate_speed.SYSTEMS),
                                                  command=command_line()))
     print(generate_speed.format_table(result))
     return failed(result["systems"].values())

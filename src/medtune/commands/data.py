@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from medtune.commands.common import recipe_args
-from medtune.data.pipeline import prepare_inputs
+from medtune.lazy import lazy
 from medtune.recipe import load_recipe
-from medtune.train.memory import memory_report
+
+pipeline = lazy("medtune.data.pipeline")
+memory = lazy("medtune.train.memory")
 
 
 def register(sub) -> None:
@@ -18,10 +20,10 @@ def register(sub) -> None:
 
 def cmd_data_check(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    inputs = prepare_inputs(recipe)
+    inputs = pipeline.prepare_inputs(recipe)
     chat = inputs.chat
     print(f"model: {recipe.model} (template {chat.template}, stops on {', '.join(chat.stop_tokens)}, "
           f"pad {chat.pad_token})")
     print("\n".join(inputs.data.report.lines()))
-    print(memory_report(recipe, inputs.model_dir))
+    print(memory.memory_report(recipe, inputs.model_dir))
     return 0

@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from medtune.commands.common import DEVICES, PRECISIONS, args_for, command_line, options_from_args
-from medtune.eval import report
-from medtune.eval.gate import format_gate, gate_config, run_gate
-from medtune.eval.suite import EvalOptions, parse_paths, parse_tasks, run_eval
+from medtune.lazy import lazy
 from medtune.run.layout import GATE, GATE_PLOT
 from medtune.run.meta import is_run_dir
+
+gate = lazy("medtune.eval.gate")
+report = lazy("medtune.eval.report")
+suite = lazy("medtune.eval.suite")
 
 COMMAND_ONLY = ("json", "no_save")  # eval flags that are not EvalOptions fields: what the command writes
 
@@ -98,11 +100,11 @@ def register_gate(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    tasks = parse_tasks(args.tasks)
-    opts = options_from_args(EvalOptions, args, tasks=tasks, data=parse_paths(args.data, tasks, "--data"),
-                             fewshot_data=parse_paths(args.fewshot_data, tasks, "--fewshot-data"),
+    tasks = suite.parse_tasks(args.tasks)
+    opts = options_from_args(suite.EvalOptions, args, tasks=tasks, data=suite.parse_paths(args.data, tasks, "--data"),
+                             fewshot_data=suite.parse_paths(args.fewshot_data, tasks, "--fewshot-data"),
                              overrides=args.overrides or [])
-    results = run_eval(opts)
+    results = suite.run_eval(opts)
     context = {"model": args.model, "command": command_line(), "fewshot": args.fewshot, "limit": args.limit,
                "data": opts.data}
     print(report.markdown(results))
@@ -115,9 +117,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_gate(args) -> int:
-    cfg = gate_config(args.run, **args_for(gate_config, args))
-    outcome = run_gate(args.run, cfg, command=command_line(), batch_size=args.batch_size, precision=args.precision,
+    cfg = gate.gate_config(args.run, **args_for(gate.gate_config, args))
+    outcome = gate.run_gate(args.run, cfg, command=command_line(), batch_size=args.batch_size, precision=args.precision,
                        device=args.device)
-    print(format_gate(outcome))
+    print(gate.format_gate(outcome))
     print(f"\nresults: {Path(args.run) / GATE}, {Path(args.run) / GATE_PLOT} (and the model card)")
     return 0 if outcome["passed"] else 1

@@ -5,9 +5,11 @@ from __future__ import annotations
 import shlex
 
 from medtune.commands.common import args_for
-from medtune.export.gguf import export_gguf
-from medtune.export.merge import merge_run
-from medtune.push import push_run
+from medtune.lazy import lazy
+
+gguf = lazy("medtune.export.gguf")
+merge = lazy("medtune.export.merge")
+push = lazy("medtune.push")
 
 DTYPES = ["bf16", "fp16", "fp32"]  # weight types a merged model is saved in
 
@@ -49,7 +51,7 @@ def register_push(sub) -> None:
 
 
 def cmd_merge(args) -> int:
-    out = merge_run(**args_for(merge_run, args))
+    out = merge.merge_run(**args_for(merge.merge_run, args))
     print(f"merged model: {out}  (loads with AutoModelForCausalLM.from_pretrained)")
     print(f"next: medtune chat {shlex.quote(str(out))}    |    medtune export {shlex.quote(str(out))} --format gguf "
           "--quant q8_0 --out model.gguf")
@@ -57,13 +59,13 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    result = export_gguf(args.model, **args_for(export_gguf, args))
+    result = gguf.export_gguf(args.model, **args_for(gguf.export_gguf, args))
     print(f"GGUF: {result.gguf}\nOllama Modelfile: {result.modelfile}")
     print(f"next: ollama create my-model -f {shlex.quote(str(result.modelfile))} && ollama run my-model")
     return 0
 
 
 def cmd_push(args) -> int:
-    url = push_run(**args_for(push_run, args))
+    url = push.push_run(**args_for(push.push_run, args))
     print(f"pushed {'merged model' if args.merged else 'adapter'} to {args.repo_id}: {url}")
     return 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import medtune.generate as gen
-from medtune.chat import HELP, ChatSession, run_chat
 from medtune.commands.common import device_arg, print_side_by_side
 from medtune.errors import MedtuneError
+from medtune.lazy import lazy
 from medtune.run.meta import is_run_dir
+
+chat = lazy("medtune.chat")
+gen = lazy("medtune.generate")
 
 
 def talk_args(p: argparse.ArgumentParser, single_prompt: bool = False) -> None:
@@ -71,10 +73,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    session = ChatSession(load(args), system=args.system, max_new_tokens=args.max_new_tokens,
+    session = chat.ChatSession(load(args), system=args.system, max_new_tokens=args.max_new_tokens,
                           generate_kw=sampling(args))
-    print(f"medtune chat: not medical advice. {HELP}", flush=True)
-    return run_chat(session)
+    print(f"medtune chat: not medical advice. {chat.HELP}", flush=True)
+    return chat.run_chat(session)
 
 
 def compare_prompts(args) -> list[str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 from medtune.commands.common import args_for, device_arg
-from medtune.serve.app import API_KEY_ENV, run_server
+from medtune.lazy import lazy
+
+app = lazy("medtune.serve.app")
 
 
 def register(sub) -> None:
@@ -37,6 +39,6 @@ def register(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    run_server(args.model, args.adapter or [],
-               **args_for(run_server, args, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None))
+    app.run_server(args.model, args.adapter or [],
+                   **args_for(app.run_server, args, api_key=args.api_key or os.environ.get(app.API_KEY_ENV) or None))
     return 0

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 from medtune.commands.common import print_side_by_side, recipe_args
-from medtune.eval.gate import format_gate
+from medtune.lazy import lazy
 from medtune.recipe import load_recipe, recipe_help
 from medtune.run.card import number
 from medtune.run.layout import CARD
-from medtune.train import job
-from medtune.train.distributed import launch
+
+gate = lazy("medtune.eval.gate")
+job = lazy("medtune.train.job")
+distributed = lazy("medtune.train.distributed")
 
 
 def register(sub) -> None:
@@ -26,7 +28,7 @@ def register(sub) -> None:
 def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.nproc:
-        launch(args.nproc, ["train", args.recipe, *args.overrides, *(["--force"] if args.force else [])])
+        distributed.launch(args.nproc, ["train", args.recipe, *args.overrides, *(["--force"] if args.force else [])])
     result = job.run_training(recipe, force=args.force)
     if not result.main:
         return 0
@@ -39,6 +41,6 @@ def cmd_train(args) -> int:
     print_side_by_side(result.samples)
     print(f"\nnext: medtune chat {result.run_dir}    |    model card: {result.run_dir / CARD}")
     if result.gate is not None:
-        print("\n" + format_gate(result.gate))
+        print("\n" + gate.format_gate(result.gate))
         return 0 if result.gate["passed"] else 1
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from medtune.commands.common import args_for, device_arg
-from medtune.ui import launch_ui
+from medtune.lazy import lazy
+
+web = lazy("medtune.ui")
 
 
 def register(sub) -> None:
@@ -20,6 +22,6 @@ def register(sub) -> None:
 
 def cmd_ui(args) -> int:
     print(f"medtune ui: open http://{args.host}:{args.port} (Ctrl-C stops). Not medical advice.", flush=True)
-    launch_ui(args.model, **args_for(launch_ui, args))
+    web.launch_ui(args.model, **args_for(web.launch_ui, args))
     return 0
 
