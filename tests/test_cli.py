@@ -14,10 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_recipe
 
+import medtune.generate
 from medtune.cli import build_parser, main
+from medtune.commands.common import print_side_by_side
+from medtune.generate import generate, load_for_inference
 from medtune.recipe import load_recipe
+from medtune.run.card import NOT_FACT_CHECKED, results
+from medtune.sidebyside import side_by_side
+from medtune.train import job
 from medtune.train.job import run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,8 +206,6 @@ def test_data_check_reports_without_writing(tiny_model_dir, tmp_path, capsys, mo
 # ---- generate / compare / chat on a trained run ---------------------------------------------------------------
 
 def expected_answer(model: str | Path, messages: list[dict], max_new_tokens: int, **kw) -> str:
-    from medtune.generate import generate, load_for_inference
-
     return generate(load_for_inference(str(model)), messages, max_new_tokens=max_new_tokens, **kw)
 
 
@@ -221,8 +226,6 @@ def test_generate_streams_the_same_text(run_dir, capsys):
 
 def test_generate_from_base_model_folder(tiny_model_dir, capsys):
     # The untrained tiny model's greedy answer is only newlines, so sample (seeded) to get visible text.
-    import torch
-
     torch.manual_seed(0)
     code, out, err = run_cli(capsys, "generate", tiny_model_dir, "--prompt", "What is gout?", "--max-new-tokens", "5",
                              "--temperature", "1", "--top-p", "1", "--no-stream")
@@ -244,8 +247,6 @@ def test_compare_prints_base_and_tuned_for_each_prompt(run_dir, capsys):
 
 
 def test_compare_passes_the_repetition_flags(run_dir, capsys, monkeypatch):
-    import medtune.generate
-
     seen = []
     real_generate = medtune.generate.generate
     monkeypatch.setattr(medtune.generate, "generate", lambda *a, **kw: seen.append(kw) or real_generate(*a, **kw))
@@ -260,10 +261,6 @@ def test_compare_passes_the_repetition_flags(run_dir, capsys, monkeypatch):
 
 
 def test_chat_reset_and_exit(run_dir, capsys, monkeypatch):
-    import torch
-
-    import medtune.generate
-
     said = iter(["hello", "/reset", "hi", "/exit"])
     asked, histories, answers = [], [], []
     real_generate = medtune.generate.generate
@@ -366,11 +363,8 @@ LONG = ("Gout is a form of inflammatory arthritis caused by urate crystals in a 
 
 @pytest.mark.parametrize("width", [80, 100, 123, 40])
 def test_side_by_side_fits_the_terminal_width(width, monkeypatch, capsys):
-    from medtune.cli import _print_side_by_side
-    from medtune.run.card import NOT_FACT_CHECKED
-
     monkeypatch.setenv("COLUMNS", str(width))
-    _print_side_by_side([{"prompt": "What is gout? " * 8, "base": LONG, "tuned": LONG.upper(),
+    print_side_by_side([{"prompt": "What is gout? " * 8, "base": LONG, "tuned": LONG.upper(),
                           "reference": "A painful joint disease caused by uric acid crystals."}])
     out = capsys.readouterr().out
     assert max(len(line) for line in out.splitlines()) <= width, out
@@ -384,8 +378,6 @@ def test_side_by_side_fits_the_terminal_width(width, monkeypatch, capsys):
 
 
 def test_side_by_side_keeps_every_word_in_its_column():
-    from medtune.sidebyside import side_by_side
-
     text = side_by_side([{"prompt": "p", "base": LONG, "tuned": "Short."}], width=80)
     lines = text.splitlines()
     rows = lines[lines.index("-" * 38 + "-+-" + "-" * 38) + 1:]  # under the header's rule
@@ -395,9 +387,6 @@ def test_side_by_side_keeps_every_word_in_its_column():
 
 
 def test_train_prints_the_perplexity_the_card_shows(monkeypatch, capsys, tmp_path):
-    from medtune.run.card import results
-    from medtune.train import job
-
     metrics = {"steps": 10, "train_seconds": 3.0, "tokens_per_s": 100.0, "train_loss": 2.0, "base_eval_ppl": 15.544,
                "eval_ppl": 8.4173, "base_eval_loss": 2.74, "eval_loss": 2.13}
     monkeypatch.setattr(job, "run_training", lambda recipe, force=False: job.TrainResult(tmp_path, metrics, []))

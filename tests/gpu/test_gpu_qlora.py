@@ -107,8 +107,7 @@ def test_cuda_qlora_training_steps_lower_the_loss(tiny_llama_dir):  # noqa: F811
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         got.append(loss.item())
-    assert all(torch.isfinite(torch.tensor(got))), got
-    assert got == sorted(got, reverse=True) and got[-1] < got[0] - 1e-3, got
+    assert all(torch.isfinite(torch.tensor(got))) and got[-1] < got[0] - 1e-3, got
     unchanged = [n for n, p in params.items() if torch.equal(p.detach(), start[n])]
     assert not unchanged, f"LoRA tensors that never moved: {unchanged}"
 

@@ -8,7 +8,10 @@ import shutil
 
 import pytest
 import torch
-from gpu_env import GPU, adapter, losses, run_meta, train
+from conftest import losses
+from gpu_env import GPU, adapter, run_meta, train
+
+from medtune.run.layout import ADAPTER_FILES, CHECKPOINTS, step_name
 
 pytestmark = GPU
 
@@ -56,12 +59,12 @@ def test_resume_equals_uninterrupted_on_cuda(tiny_model_dir, tmp_path):
                   "train.precision=fp32", "lora.dropout=0.1")
     run = tmp_path / "resumed"
     shutil.copytree(whole, run)
-    names = sorted(c.name for c in (run / "checkpoints").iterdir())
-    assert "step-0000002" in names, names
+    names = sorted(c.name for c in (run / CHECKPOINTS).iterdir())
+    assert step_name(2) in names, names
     for name in names:
-        if name != "step-0000002":
-            shutil.rmtree(run / "checkpoints" / name)
-    (run / "adapter_model.safetensors").unlink()
+        if name != step_name(2):
+            shutil.rmtree(run / CHECKPOINTS / name)
+    (run / ADAPTER_FILES[0]).unlink()
 
     train(tiny_model_dir, run, f"train.max_steps={STEPS}", "train.save_steps=2", "train.precision=fp32",
           "lora.dropout=0.1", "resume=true")

@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from medtune.data.formats import to_example
-from medtune.data.prepare import prepare_data
+from medtune.data.pipeline import prepare_with
 from medtune.data.readers import read_rows
 from medtune.data.render import Sample
 from medtune.errors import MedtuneError
 from medtune.recipe import Recipe, load_recipe
 from medtune.run.run import Run
-from medtune.tokenizer import prepare_tokenizer
 
 UNLIMITED = 10**9  # data.max_length for evaluation: no truncation
 
@@ -36,8 +35,7 @@ def eval_recipe(model_or_run: str, data: str | None, recipe: str | None = None,
 
 def read_samples(recipe: Recipe, tok, *, held_out: bool) -> list[Sample]:
     """Rendered samples: the recipe's held-out split (held_out) or every row of data.path."""
-    chat = prepare_tokenizer(tok, recipe.tokenizer)
-    prepared = prepare_data(recipe, tok, chat)
+    _, prepared = prepare_with(recipe, tok)
     samples = prepared.eval if held_out else prepared.train
     if not samples:
         raise MedtuneError("the run has no held-out rows (data.eval_ratio=0 and no data.eval_path); pass --data FILE",

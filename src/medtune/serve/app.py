@@ -113,8 +113,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_prompt_chars: 
                            code="invalid_api_key")
 
     auth = [Depends(check_key)] if api_key else []
-    created = int(time.time())
+    _model_routes(app, engine, auth)
+    _generation_routes(app, engine, auth, max_prompt_chars)
+    app.openapi = _openapi_with_models(app, engine)
+    return app
 
+
+def _model_routes(app: FastAPI, engine: Engine, auth: list) -> None:
+    """/health and /v1/models: what is served."""
+    created = int(time.time())
     @app.get("/health", response_model=Health, tags=["server"])
     def health() -> Health:
         return Health(models=list(engine.routes), queued=engine.queued)
@@ -129,6 +136,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_prompt_chars: 
         route = _route(engine, model)
         return ModelCard(id=route.name, created=created, parent=route.parent)
 
+
+def _generation_routes(app: FastAPI, engine: Engine, auth: list, max_prompt_chars: int) -> None:
+    """/v1/chat/completions and /v1/completions: answers, whole or streamed."""
     @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=auth,
               responses={**_SSE, **_ERRORS}, tags=["openai"])
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -164,6 +174,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_prompt_chars: 
         return Completion(id=cid, created=now, model=req.model, usage=_usage(result),
                           choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)])
 
+
+def _openapi_with_models(app: FastAPI, engine: Engine):
+    """The app's schema builder, with the served model ids as the only values of `model`."""
     generated_openapi = app.openapi
 
     def openapi() -> dict:
@@ -178,8 +191,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, max_prompt_chars: 
                     operation["responses"].pop("422", None)
         return app.openapi_schema
 
-    app.openapi = openapi
-    return app
+    return openapi
 
 
 def check_conversation(messages: list[dict[str, str]], max_chars: int) -> None:

@@ -10,16 +10,15 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from medtune.data.prepare import PreparedData, prepare_data
+from medtune.data.pipeline import prepare_inputs
+from medtune.data.prepare import PreparedData
 from medtune.errors import MedtuneError
 from medtune.eval.gate import check_gate, gate_after_train
 from medtune.eval.suite import after_train
 from medtune.generate import Loaded, generate, user_turn
-from medtune.models import load_tokenizer, resolve_model
 from medtune.recipe import Recipe
 from medtune.run.card import write_card
 from medtune.run.run import Run
-from medtune.tokenizer import prepare_tokenizer
 from medtune.train.checkpoint import writing
 from medtune.train.memory import check_memory, estimate_for_recipe
 from medtune.train.runtime import start_runtime
@@ -42,10 +41,8 @@ def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
     Under torchrun / accelerate launch every process calls this; only rank 0 writes and reports."""
     runtime = start_runtime(recipe)
     dist = runtime.dist
-    model_dir = resolve_model(recipe.model)
-    tok = load_tokenizer(model_dir, recipe.trust_remote_code)
-    chat = prepare_tokenizer(tok, recipe.tokenizer)
-    data = prepare_data(recipe, tok, chat)
+    inputs = prepare_inputs(recipe)
+    model_dir, tok, chat, data = inputs.model_dir, inputs.tok, inputs.chat, inputs.data
     for line in data.report.lines():
         log.info(line)
     if recipe.train.early_stopping_patience and not data.eval:  # the split left no held-out rows
