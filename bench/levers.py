@@ -8,8 +8,8 @@ of bench/RESULTS.md.
     python bench/levers.py saved LEVER                               # MB saved for backward, without/with
     python bench/levers.py grads                                     # fused vs peft LoRA gradient cosine
 
-Model: SmolLM2-135M (medtune's alias), LoRA r=64 alpha=16 dropout=0.1 on q/k/v/o, packed rows of
-medical_terms.jsonl, AdamW; the step is medtune's: `loss_sum` (chunked cross-entropy) / loss tokens, backward,
+Model: SmolLM2-135M (medtune's alias), LoRA r=64 alpha=16 dropout=0.1 on q/k/v/o, the fullest packed rows of
+medical_terms.jsonl (4 x 512 tokens: the heaviest step of `medtune bench train`), AdamW; the step is medtune's: `loss_sum` (chunked cross-entropy) / loss tokens, backward,
 optimizer step.
 """
 
@@ -33,7 +33,7 @@ from medtune.data.batching import pack_bins, pack_collate
 from medtune.data.render import Sample
 from medtune.models import add_lora, load_base_model, load_tokenizer, resolve_model
 from medtune.recipe import LoraConfig
-from medtune.train import fast_norm, fused_lora
+from medtune.train import fast_attention, fast_norm, fused_lora
 from medtune.train.allocator import return_freed_memory_to_os
 from medtune.train.loop import loss_sum
 
@@ -46,7 +46,7 @@ def build(args):
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = load_base_model(model_dir, dtype=dtype, device=CPU)
     lora = LoraConfig(r=args.r, alpha=16, dropout=args.dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    model = add_lora(model, lora, autocast=args.bf16, fused=False)
+    model = add_lora(model, lora, autocast=args.bf16, fast=False)
     model.train()
     texts = build_texts(find_data(None), tok, 400, seed=0)
     samples = []
@@ -54,6 +54,7 @@ def build(args):
         ids = tok(t)["input_ids"][: args.length]
         samples.append(Sample(ids, ids, "bench", i))
     bins = pack_bins([len(s.input_ids) for s in samples], args.length)
+    bins.sort(key=lambda b: -sum(len(samples[i].input_ids) for i in b))  # the fullest rows: the heaviest step
     batch = pack_collate([[samples[i] for i in b] for b in bins[: args.batch]], tok.pad_token_id or 0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
@@ -75,13 +76,45 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def cpu_timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall s, process CPU s). With OMP_NUM_THREADS=1 the CPU time is the work itself, nearly blind to other
+    processes on the machine (the wall time is not)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def gqa_on(model) -> None:
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"  # read by transformers at every attention call
+
+
+def gqa_off(model) -> None:
+    os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
+
+
+def compile_on(model) -> None:
+    """torch.compile (inductor) of each decoder layer's forward; compiled once, kept across on/off switches."""
+    for layer in model.get_decoder().layers:
+        if not hasattr(layer, "_levers_compiled"):
+            layer._levers_compiled = torch.compile(layer.forward, dynamic=False)
+        layer.forward = layer._levers_compiled
+
+
+def compile_off(model) -> None:
+    for layer in model.get_decoder().layers:
+        layer.__dict__.pop("forward", None)
+
+
 LEVERS: dict[str, tuple[Callable, Callable]] = {
+    "gqa": (gqa_on, gqa_off),
+    "compile": (compile_on, compile_off),
     "fused_lora": (fused_lora.install, fused_lora.uninstall),
     "fast_norm": (fast_norm.install, fast_norm.uninstall),
+    "fast_attention": (fast_attention.install, fast_attention.uninstall),
 }
 
 
@@ -90,18 +123,26 @@ def cmd_ab(args) -> dict:
     names = args.lever.split("+")
     on = [LEVERS[n][0] for n in names]
     off = [LEVERS[n][1] for n in reversed(names)]
-    for _ in range(args.warmup):
-        step(model, batch, opt, autocast)
+    for _ in range(args.warmup):  # both sides warm (allocator, kernels, compilation)
+        for switch in (on, off):
+            for f in switch:
+                f(model)
+            step(model, batch, opt, autocast)
     times: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}
     for _ in range(args.repeats):
         for side in ("off", "on"):
             for f in on if side == "on" else off:
                 f(model)
-            times[side].append(timed(lambda: step(model, batch, opt, autocast)))
-            print(side, f"{times[side][-1]:.2f}s", os.getloadavg()[0], file=sys.stderr, flush=True)
+            wall, used = cpu_timed(lambda: step(model, batch, opt, autocast))
+            times[side].append(wall)
+            cpu[side].append(used)
+            print(side, f"wall {wall:.2f}s cpu {used:.2f}s", os.getloadavg()[0], file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"lever": args.lever, "times": times, "median": med, "ratio_on_off": med["on"] / med["off"],
-            "tokens": batch.num_tokens, "loadavg": os.getloadavg()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"lever": args.lever, "threads": torch.get_num_threads(), "wall": times, "cpu": cpu, "median_wall": med,
+            "median_cpu": med_cpu, "ratio_wall_on_off": med["on"] / med["off"],
+            "ratio_cpu_on_off": med_cpu["on"] / med_cpu["off"], "tokens": batch.num_tokens, "loadavg": os.getloadavg()}
 
 
 def cmd_profile(args) -> dict:
@@ -125,11 +166,17 @@ def cmd_rss(args) -> dict:
     for n in filter(None, args.lever.split("+")):
         LEVERS[n][0](model)
     after_load = rss_mb()
-    times, peaks = [], []
+    times, cpu, peaks, faults = [], [], [], []
     for _ in range(args.steps):
-        times.append(timed(lambda: step(model, batch, opt, autocast)))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        wall, used = cpu_timed(lambda: step(model, batch, opt, autocast))
+        times.append(wall)
+        cpu.append(used)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         peaks.append(rss_mb())
-    return {"lever": args.lever, "after_load_mb": after_load, "peak_mb_per_step": peaks, "step_s": times,
+    return {"lever": args.lever, "threads": torch.get_num_threads(), "after_load_mb": after_load,
+            "peak_mb_per_step": peaks, "step_s": times, "cpu_s": cpu, "minor_faults_per_step": faults,
+            "malloc_conf": os.environ.get("MALLOC_CONF", ""),
             "preload": os.environ.get("LD_PRELOAD", ""),
             "release_memory": bool(os.environ.get("LEVERS_RELEASE_MEMORY")), "loadavg": os.getloadavg()}
 

@@ -44,7 +44,7 @@ def loss_and_grads(model, b, autocast=None) -> tuple[float, dict[str, torch.Tens
 @pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "o_proj"], "all-linear"])
 def test_fused_equals_peft_in_fp32_without_dropout(tiny_model_dir, targets):
     model = load_base_model(str(tiny_model_dir), dtype=torch.float32, device=CPU)
-    model = add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=targets), fused=False)
+    model = add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=targets), fast=False)
     randomize_lora(model)
     b = batch(model.config.vocab_size)
     ref_loss, ref = loss_and_grads(model, b)
@@ -103,7 +103,7 @@ def test_one_dropout_mask_per_input_tensor():
 
 def test_unfusable_calls_run_peft(tiny_model_dir):
     model = load_base_model(str(tiny_model_dir), dtype=torch.float32, device=CPU)
-    model = add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0), fused=False)
+    model = add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0), fast=False)
     randomize_lora(model)
     b = batch(model.config.vocab_size)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_bf16_autocast_gradients_match_fp32(tiny_model_dir):
     for dtype in (torch.float32, torch.bfloat16):
         model = load_base_model(str(tiny_model_dir), dtype=dtype, device=CPU)
         model = add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules="all-linear"),
-                         autocast=dtype == torch.bfloat16, fused=dtype == torch.bfloat16)
+                         autocast=dtype == torch.bfloat16, fast=dtype == torch.bfloat16)
         randomize_lora(model)
         b = batch(model.config.vocab_size)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else None
