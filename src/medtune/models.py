@@ -17,6 +17,7 @@ import torch
 
 from medtune.errors import MedtuneError
 from medtune.model_names import ALIASES, Alias, offline
+from medtune.train import fast_attention, fast_norm, fused_lora
 
 log = logging.getLogger("medtune")
 
@@ -204,8 +205,14 @@ class FastDropout(torch.nn.Module):
         return x * keep * self.scale
 
 
-def add_lora(model, lora, *, gradient_checkpointing: bool = False, quantized: bool = False, autocast: bool = False):
+def add_lora(model, lora, *, gradient_checkpointing: bool = False, quantized: bool = False, autocast: bool = False,
+             fast: bool = True):
     """Wrap the base in peft LoRA adapters; only the adapters train (kept in fp32).
+
+    `fast` (measured in bench/RESULTS.md: less memory saved for backward, same or less time per step): the adapted
+    Linear layers run `medtune.train.fused_lora` (one autograd node per layer, one dropout mask and one saved input
+    per input tensor), RMSNorm and the SiLU MLP `medtune.train.fast_norm`, attention `medtune.train.fast_attention`
+    (grouped k/v and one float mask per forward on CPU). Each falls back to the stock code where it does not apply.
 
     With `autocast` (bf16 autocast around the forward), peft's cast of each layer input to the adapters' fp32
     would only be undone by autocast before the matmul: we turn it off (measured: ~20% faster steps)."""
@@ -239,4 +246,8 @@ def add_lora(model, lora, *, gradient_checkpointing: bool = False, quantized: bo
                         drop[name] = FastDropout(d.p)
     if quantized:
         disable_bnb_cpu_inference_path(model)
+    if fast:
+        fused_lora.install(model)
+        fast_norm.install(model)
+        fast_attention.install(model)
     return model

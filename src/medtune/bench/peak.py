@@ -23,23 +23,31 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def fitting_size(dtype: torch.dtype, n: int, budget: float, smallest: int = 256) -> int:
-    """The matrix size, at most n (a multiple of `smallest`), whose one product takes about `budget` seconds or less.
-    On a CPU without fast bf16 (AVX2 only: oneDNN falls back to a reference kernel at ~1 GFLOP/s) one bf16 product
-    of 2048x2048 takes ~13 s, so the fixed-size loop below would run for minutes; there the peak is measured on
-    smaller matrices (it is slow either way, and the figure says so)."""
-    a = torch.ones(smallest, smallest, dtype=dtype)
+    """The matrix size, at most n (`smallest` times a power of two), whose one product takes about `budget` seconds
+    or less. On a CPU without fast bf16 (AVX2 only: oneDNN falls back to a reference kernel at ~1 GFLOP/s) one bf16
+    product of 2048x2048 takes ~13 s, so the fixed-size loop below would run for minutes; there the peak is
+    measured on smaller matrices (it is slow either way, and the figure says so). The size doubles while one
+    product of the next size, predicted at the rate just measured (8x the time), fits: small products run well
+    below the GEMM's peak rate (AVX2 EPYC, fp32: 6 GFLOP/s at 256, 65 at 2048), so a prediction from the
+    smallest size alone would settle on matrices too small to show the peak."""
+    size = smallest
+    a = torch.ones(size, size, dtype=dtype)
     torch.mm(a, a)  # kernel selection
-    start = time.perf_counter()
-    torch.mm(a, a)
-    rate = 2.0 * smallest**3 / max(time.perf_counter() - start, 1e-9)  # FLOP/s at the smallest size
-    size = int((budget * rate / 2.0) ** (1 / 3)) // smallest * smallest
-    return max(smallest, min(n, size))
+    while size * 2 <= n:
+        start = time.perf_counter()
+        torch.mm(a, a)
+        if 8 * (time.perf_counter() - start) > budget:
+            break
+        size *= 2
+        a = torch.ones(size, size, dtype=dtype)
+        torch.mm(a, a)
+    return size
 
 
 def matmul_tflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0, repeats: int = 5) -> tuple[float, int]:
     """(TFLOP/s, size): the best of `repeats` timed loops (each about `seconds / repeats` long, at least one
-    product) of n×n @ n×n, n cut down by `fitting_size` where one product would not fit a loop's budget."""
-    n = fitting_size(dtype, n, seconds / max(repeats, 1))
+    product) of n×n @ n×n, n cut down by `fitting_size` where one product would not fit half of `seconds`."""
+    n = fitting_size(dtype, n, seconds / 2)
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=gen).to(dtype)
     b = torch.randn(n, n, generator=gen).to(dtype)

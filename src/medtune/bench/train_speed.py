@@ -27,7 +27,9 @@ Measures: useful tokens/s = non-pad tokens / wall time of the steps after the fi
 worker; token-weighted mean loss over the last 25% of steps, and the loss at equal tokens (the steps where the cumulative token
 count is in the last quarter of the smallest system's total, where every system has seen each text once); wall
 time of the worker; MFU = tokens/s x 4 x base parameters / the matmul peak measured on the spot before and after
-the workers, the higher of the two kept (bf16 and fp32; `medtune.bench.peak`).
+the workers, the higher of the two kept (bf16 and fp32; `medtune.bench.peak`); the table shows it against the peak
+of the precision each run trained in (fp32 on a CPU without fast bf16, where medtune's `precision: auto` trains
+in fp32), the JSON both.
 
 Threads: workers keep torch's default (one per core; OMP_NUM_THREADS is respected if set) and nothing else.
 """
@@ -499,6 +501,12 @@ def _ratio(a: dict | None, b: dict | None) -> float | None:
     return a["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else None
 
 
+def run_precision(setup: dict) -> str:
+    """"bf16" or "fp32": the matmul precision a worker trained in, from its setup's `precision` ("fp32",
+    "bf16 autocast (fp32 weights)", "auto → fp32", ...)."""
+    return "bf16" if "bf16" in str(setup.get("precision", "")).split("→")[-1] else "fp32"
+
+
 def assemble(systems: dict[str, dict], peak: dict, *, cfg: BenchConfig, base_params: int, data_spec: str,
              model_dir: str, command: str, load: tuple) -> dict:
     fpt = flops_per_token(base_params)
@@ -508,6 +516,8 @@ def assemble(systems: dict[str, dict], peak: dict, *, cfg: BenchConfig, base_par
         s["loss_equal_tokens"] = loss_at_tokens(s["steps"], budget)
         s["mfu_bf16_pct"] = 100 * mfu(s["tokens_per_s"], fpt, peak.get("bf16_tflops"))
         s["mfu_fp32_pct"] = 100 * mfu(s["tokens_per_s"], fpt, peak.get("fp32_tflops"))
+        s["mfu_precision"] = run_precision(s.get("setup", {}))
+        s["mfu_pct"] = s[f"mfu_{s['mfu_precision']}_pct"]
     machine = machine_info()
     machine["loadavg_before"], machine["loadavg_after"] = [list(map(float, x)) for x in load]
     machine["peak_error"] = peak.get("error")
@@ -523,9 +533,11 @@ def assemble(systems: dict[str, dict], peak: dict, *, cfg: BenchConfig, base_par
 
 
 def format_table(result: dict) -> str:
+    """The results table. MFU is against the matmul peak of the precision each run trained in (bf16 where bf16
+    matmuls are fast, else fp32: medtune's `precision: auto`); both are in the JSON."""
     c, m = result["config"], result["machine"]
     head = (f"{'system':<8} {'tokens/s':>9} {'tok/step':>8} {'peak RSS MB':>11} {'loss':>7} {'loss@=tok':>9} "
-            f"{'MFU bf16 %':>10} {'MFU fp32 %':>10} {'wall s':>7}")
+            f"{'MFU %':>11} {'wall s':>7}")
     lines = [f"medtune bench train: {c['model']} | {c['steps']} steps x batch {c['batch_size']}, max_length "
              f"{c['max_length']} | data {c['data']}",
              f"matmul peak (best of before/after) bf16 {fmt(result['peak_bf16_tflops'], '.3f')} / fp32 {fmt(result['peak_fp32_tflops'], '.3f')} "
@@ -534,8 +546,10 @@ def format_table(result: dict) -> str:
              "", *system_rows(result["systems"], head, 8, lambda name, s: (
                  f"{name:<8} {fmt(s['tokens_per_s'], '9.1f')} {fmt(s['tokens_per_step'], '8.0f')} "
                  f"{fmt(s['peak_rss_mb'], '11.0f')} {fmt(s['loss'], '7.4f')} "
-                 f"{fmt(s.get('loss_equal_tokens'), '9.4f')} {fmt(s.get('mfu_bf16_pct'), '10.2f')} "
-                 f"{fmt(s.get('mfu_fp32_pct'), '10.2f')} {fmt(s['wall_s'], '7.0f')}"))]
+                 f"{fmt(s.get('loss_equal_tokens'), '9.4f')} {fmt(s.get('mfu_pct'), '6.2f')} {s.get('mfu_precision', '-'):<4} "
+                 f"{fmt(s['wall_s'], '7.0f')}")),
+             "MFU %: against the peak of the precision the run trained in (JSON: MFU bf16 % = mfu_bf16_pct, "
+             "MFU fp32 % = mfu_fp32_pct, for every run)"]
     ratios = [f"medtune/{k} {fmt(result[f'speedup_vs_{k}'], '.2f')}x" for k in ("seed", "trl")
               if result.get(f"speedup_vs_{k}") is not None]
     if result.get("qlora_vs_lora") is not None:
