@@ -35,7 +35,7 @@ from medtune.models import add_lora, load_base_model, load_tokenizer, resolve_mo
 from medtune.recipe import LoraConfig
 from medtune.train import fast_attention, fast_norm, fused_lora
 from medtune.train.allocator import return_freed_memory_to_os
-from medtune.train.loop import loss_sum
+from medtune.train.objectives.sft import loss_sum
 
 CPU = torch.device("cpu")
 

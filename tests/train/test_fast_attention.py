@@ -7,13 +7,13 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from medtune.train.loop import loss_sum
 
 from medtune.data.batching import pack_collate, pad_collate
 from medtune.data.render import IGNORE, Sample
 from medtune.models import add_lora, load_base_model
 from medtune.recipe import LoraConfig
 from medtune.train import fast_attention
+from medtune.train.objectives.sft import loss_sum
 
 CPU = torch.device("cpu")
 

@@ -7,7 +7,6 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from medtune.train.loop import loss_sum
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
@@ -16,6 +15,7 @@ from medtune.data.render import IGNORE, Sample
 from medtune.models import add_lora, load_base_model
 from medtune.recipe import LoraConfig
 from medtune.train import fused_lora
+from medtune.train.objectives.sft import loss_sum
 
 CPU = torch.device("cpu")
 

@@ -7,8 +7,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from safetensors.torch import load_file
-from test_loop import GOLDEN_LOSSES, tiny_recipe
+from test_loop import GOLDEN_LOSSES
 
 from medtune.data.batching import iterate
 from medtune.data.prepare import PreparedData, prepare_data
