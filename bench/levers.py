@@ -48,7 +48,7 @@ def build(args):
     lora = LoraConfig(r=args.r, alpha=16, dropout=args.dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     model = add_lora(model, lora, autocast=args.bf16, fast=False)
     model.train()
-    texts = build_texts(find_data(None), tok, 400, seed=0)
+    texts = build_texts(find_data(args.data), tok, 400, seed=0)
     samples = []
     for i, t in enumerate(texts):
         ids = tok(t)["input_ids"][: args.length]
@@ -233,6 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("command", choices=("ab", "profile", "rss", "grads", "saved"))
     p.add_argument("lever", nargs="?", default="")
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--data", default=None, help="default: ../shared/data/train/medical_terms.jsonl, else demo:terms")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--r", type=int, default=64)

@@ -60,6 +60,22 @@ def test_the_table_shows_every_system(tiny_bench):
         assert word in table
 
 
+def test_the_table_shows_mfu_against_the_precision_each_run_used(tiny_bench):
+    systems = tiny_bench["systems"]
+    assert systems["seed"]["mfu_precision"] == "fp32" and systems["trl"]["mfu_precision"] == "bf16"
+    for s in systems.values():
+        assert s["mfu_pct"] == s[f"mfu_{s['mfu_precision']}_pct"]
+    row = next(line for line in bench.format_table(tiny_bench).splitlines() if line.startswith("seed "))
+    assert f"{systems['seed']['mfu_pct']:.2f} fp32" in row
+
+
+def test_run_precision_reads_the_workers_setup():
+    assert bench.run_precision({"precision": "fp32"}) == "fp32"
+    assert bench.run_precision({"precision": "bf16 autocast (fp32 weights)"}) == "bf16"
+    assert bench.run_precision({"precision": "auto → fp32"}) == "fp32"
+    assert bench.run_precision({"precision": "auto → bf16"}) == "bf16"
+
+
 # ---- the text every system reads ---------------------------------------------------------------------------
 
 def test_format_text_is_the_seed_prompt_with_the_tokenizers_strings():

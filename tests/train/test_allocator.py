@@ -45,9 +45,10 @@ def test_freed_activations_go_back_to_the_os():
 
 REEXEC = """
 import os, sys
-from medtune.train.allocator import use_caching_allocator
+from medtune.train.allocator import allocator_for_training, use_caching_allocator
 print("start", flush=True) if os.environ.get("MEDTUNE_ALLOCATOR_PRELOADED") else None
-use_caching_allocator()
+{"any": use_caching_allocator, "cpu": lambda: allocator_for_training("cpu", False),
+ "cuda": lambda: allocator_for_training("cuda", False), "release": lambda: allocator_for_training("cpu", True)}[sys.argv[1]]()
 print("preload", os.environ.get("LD_PRELOAD"), sys.argv[1:])
 """
 
@@ -64,22 +65,26 @@ def _libc_path() -> str:
 def test_reexecutes_once_with_the_library_preloaded():
     lib = _libc_path()  # a library that is harmless to preload
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MEDTUNE_ALLOCATOR_PRELOADED")}
-    out = subprocess.run([sys.executable, "-c", REEXEC, "a", "b"], capture_output=True, text=True, check=True,
-                         env={**env, "MEDTUNE_ALLOCATOR": lib}).stdout.splitlines()
-    assert out == ["start", f"preload {lib} ['a', 'b']"]  # ran again from the top, same arguments, exactly once
-    out = subprocess.run([sys.executable, "-c", REEXEC], capture_output=True, text=True, check=True,
-                         env={**env, "MEDTUNE_ALLOCATOR": "system"}).stdout.splitlines()
-    assert out == ["preload None []"]  # opted out: no re-execution
+
+    def run(*args: str, choice: str = lib) -> list[str]:
+        return subprocess.run([sys.executable, "-c", REEXEC, *args], capture_output=True, text=True, check=True,
+                              env={**env, "MEDTUNE_ALLOCATOR": choice}).stdout.splitlines()
+
+    assert run("any", "b") == ["start", f"preload {lib} ['any', 'b']"]  # ran again from the top, same arguments, once
+    assert run("cpu") == ["start", f"preload {lib} ['cpu']"]
+    assert run("any", choice="system") == ["preload None ['any']"]  # opted out: no re-execution
+    assert run("cuda") == ["preload None ['cuda']"]
+    assert run("release") == ["preload None ['release']"]  # train.release_memory: glibc's mode instead
 
 
 def test_finds_the_first_installed_library(tmp_path):
     assert find_caching_allocator("auto", dirs=(str(tmp_path),)) is None
-    (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
-    assert find_caching_allocator("auto", dirs=(str(tmp_path),)) == str(tmp_path / "libtcmalloc_minimal.so.4")
     (tmp_path / "libjemalloc.so.2").write_bytes(b"")
     assert find_caching_allocator("auto", dirs=(str(tmp_path),)) == str(tmp_path / "libjemalloc.so.2")
+    (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")  # preferred: no page faults from step 2 on
+    assert find_caching_allocator("auto", dirs=(str(tmp_path),)) == str(tmp_path / "libtcmalloc_minimal.so.4")
     assert find_caching_allocator("system", dirs=(str(tmp_path),)) is None
-    assert find_caching_allocator(str(tmp_path / "libtcmalloc_minimal.so.4")) == str(tmp_path / "libtcmalloc_minimal.so.4")
+    assert find_caching_allocator(str(tmp_path / "libjemalloc.so.2")) == str(tmp_path / "libjemalloc.so.2")
     assert find_caching_allocator(str(tmp_path / "missing.so")) is None
 
 

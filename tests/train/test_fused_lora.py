@@ -14,7 +14,7 @@ from medtune.data.batching import pad_collate
 from medtune.data.render import IGNORE, Sample
 from medtune.models import add_lora, load_base_model
 from medtune.recipe import LoraConfig
-from medtune.train import fused_lora
+from medtune.train import fast_norm, fused_lora
 from medtune.train.objectives.sft import loss_sum
 
 CPU = torch.device("cpu")
@@ -132,3 +132,37 @@ def test_bf16_autocast_gradients_match_fp32(tiny_model_dir):
         got = grads[torch.bfloat16][name]
         assert got.dtype == torch.float32
         assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) >= 0.99, name
+
+
+def test_input_recomputed_from_the_compact_norm_gives_the_same_gradients(tiny_model_dir):
+    # With fast_norm's RMSNorm in front, q/k/v keep the norm's input and rstd (kept by the norm anyway) instead of
+    # the normed x, and recompute x in backward: same masks (same seed), same gradients, fewer bytes saved.
+    model = load_base_model(str(tiny_model_dir), dtype=torch.float32, device=CPU)
+    model = add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.1), fast=False)
+    randomize_lora(model)
+    model.train()
+    fused_lora.install(model)
+    b = batch(model.config.vocab_size)
+
+    def run():
+        storages: dict[int, int] = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(3)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, grads = loss_and_grads(model, b)
+        return loss, grads, sum(storages.values())
+
+    ref_loss, ref, ref_bytes = run()
+    assert fast_norm.install(model) > 0
+    loss, got, nbytes = run()
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], atol=1e-6, rtol=1e-5, msg=name)
+    c, n = model.config, b.input_ids.numel()
+    silu_saving = c.num_hidden_layers * n * c.intermediate_size * 4  # fast_norm's MLP: silu(gate) not kept
+    normed_x = n * c.hidden_size * 4  # per layer past the first (whose norm input needs no gradient, so is not kept)
+    assert ref_bytes - nbytes >= silu_saving + (c.num_hidden_layers - 1) * normed_x - 1024

@@ -11,7 +11,8 @@ those into tokens/s, loss and MFU, prints a table and, with `--json FILE`, write
   trl      TRL's fastest CPU setup we know: packing (best-fit decreasing) + padding-free batches, bf16 autocast,
            no gradient checkpointing; same LoRA shape and batch settings.
   medtune  `medtune.train.job.run_training` with the same LoRA shape, batch, length and lr, otherwise medtune's
-           defaults (precision auto, ...): whatever the owned loop does by default is what is measured.
+           defaults (precision auto, ...): whatever the owned loop does by default is what is measured, including
+           the caching allocator `medtune train` preloads when one is installed (`setup.allocator`).
   qlora    the same medtune run on a 4-bit base (bitsandbytes NF4, double quantisation): QLoRA's speed and memory
            next to LoRA's (`qlora_vs_lora` in the results).
 
@@ -66,6 +67,7 @@ from medtune.bench.harness import (
 from medtune.errors import MedtuneError
 from medtune.recipe import DEFAULT_MODEL
 from medtune.run.layout import METRICS
+from medtune.train.allocator import allocator_for_training, preloaded_allocator
 
 log = logging.getLogger("medtune")
 
@@ -378,7 +380,8 @@ def _medtune_worker(cfg: dict, quantized: bool = False) -> dict:
     setup = {"precision": precision, "batches": "packed" if t.packing else "padded",
              "sampling": "group_by_length" if t.group_by_length else "random",
              "gradient_checkpointing": t.gradient_checkpointing, "attn_implementation": recipe.attn_implementation,
-             "optimizer": t.optimizer, "base": "4-bit NF4" if quantized else "bf16/fp32"}
+             "optimizer": t.optimizer, "base": "4-bit NF4" if quantized else "bf16/fp32",
+             "allocator": Path(preloaded_allocator() or "system (glibc)").name}
     return {"steps": steps, "setup": setup, "threads": torch.get_num_threads(), "overrides": overrides}
 
 
@@ -562,8 +565,15 @@ def format_table(result: dict) -> str:
 # ---- worker entry point ------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and _worker_system(sys.argv[1:]) in ("medtune", "qlora"):
+        allocator_for_training("cpu", release_memory=False)  # what `medtune train` does: re-executes at most once
     return worker_main(argv, run_worker, prog="python -m medtune.bench.train_speed",
                        description="One benchmark worker (run by `medtune bench train`).", systems=SYSTEMS)
+
+
+def _worker_system(argv: list[str]) -> str | None:
+    """The SYSTEM of `--worker SYSTEM` in a worker's arguments."""
+    return argv[argv.index("--worker") + 1] if "--worker" in argv[:-1] else None
 
 
 if __name__ == "__main__":

@@ -2,17 +2,19 @@
 
 A training step allocates and frees a few GB of activations. glibc's malloc serves requests above its mmap
 threshold with fresh mappings and returns them on free, but it raises that threshold each time such a block is
-freed (up to 32 MB), so from the second step on the activations (1-5 MB tensors) come from the heap, which
-fragments and keeps growing: measured on SmolLM2-135M, batch 4 x 512, peak RSS 3.5 GB after step 1 and 4.3 GB
-from step 2 on. Two cures:
+freed (up to 32 MB), so from the second step on the activations (1-12 MB tensors) come from the heap, which
+fragments and keeps growing. Measured on SmolLM2-135M, batch 4 x 512, fp32 (bench/RESULTS.md, AVX2 EPYC):
+glibc peaks at 4.0 GB, tcmalloc at 3.25 GB. Two cures:
 
-- a caching allocator (jemalloc, else tcmalloc) preloaded into the process (`use_caching_allocator`): size
-  classes and per-size reuse, so the heap neither fragments nor faults in fresh pages every step. Used by
-  `medtune train` on CPU whenever the library is installed (`make setup` installs Debian's libjemalloc2 where it
-  can); the process re-executes itself once with LD_PRELOAD set. Opt out with MEDTUNE_ALLOCATOR=system.
-- a fixed glibc mmap threshold (`return_freed_memory_to_os`, `train.release_memory`): peak 3.0 GB at every
-  step, but every step then faults in fresh zeroed pages for all its activations: measured 6.7 -> 9.5 s per
-  step (~40 % slower). For machines short of memory rather than time, when no caching allocator is present.
+- a caching allocator preloaded into the process (`use_caching_allocator`): tcmalloc (else jemalloc) keeps
+  freed pages for reuse by size class, so the heap neither fragments nor faults in fresh pages every step
+  (tcmalloc: ~3,000 page faults per step from step 3 on; glibc ~230,000; jemalloc, whose decay hands pages back,
+  1.8 million). `medtune train` on CPU re-executes itself once with LD_PRELOAD set whenever the library is
+  installed (`make setup` installs Debian's libtcmalloc-minimal4 where it can). Opt out with
+  MEDTUNE_ALLOCATOR=system, or choose a library with MEDTUNE_ALLOCATOR=/path/to/lib.so.
+- a fixed glibc mmap threshold (`return_freed_memory_to_os`, `train.release_memory`): about the same peak, but
+  every step faults in fresh zeroed pages for all its activations (3.4 million faults, ~40 % slower steps). For
+  machines short of memory without a caching allocator; with `train.release_memory` no allocator is preloaded.
 Linux only; elsewhere nothing changes.
 """
 
@@ -31,9 +33,9 @@ M_TRIM_THRESHOLD = -1  # mallopt parameter numbers from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 256 * 1024  # blocks at least this large get their own mapping, returned to the OS on free
 
-ENV_CHOICE = "MEDTUNE_ALLOCATOR"  # auto (default): jemalloc, else tcmalloc, else the system's; or system / a path
+ENV_CHOICE = "MEDTUNE_ALLOCATOR"  # auto (default): tcmalloc, else jemalloc, else the system's; or system / a path
 ENV_DONE = "MEDTUNE_ALLOCATOR_PRELOADED"  # set on the re-executed process: never re-execute twice
-LIBRARIES = ("libjemalloc.so.2", "libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
+LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libjemalloc.so.2")
 LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 # jemalloc: give unused dirty pages back after 10 s instead of keeping them for ever between steps of a long run
 JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:10000,muzzy_decay_ms:10000"
@@ -83,6 +85,13 @@ def preload_env(env: dict[str, str], library: str) -> dict[str, str]:
         out.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     out[ENV_DONE] = library
     return out
+
+
+def allocator_for_training(device: str, release_memory: bool) -> None:
+    """What `medtune train` calls first: a caching allocator for CPU training, unless `train.release_memory` asks
+    for glibc's release-at-once mode instead (the two do not combine) or the run is on CUDA."""
+    if device != "cuda" and not release_memory:
+        use_caching_allocator()
 
 
 def use_caching_allocator() -> None:

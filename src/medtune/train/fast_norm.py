@@ -6,7 +6,9 @@ transformers runs both as chains of small autograd ops, each of which saves what
   (twice the input's bytes, plus the chain's passes over memory). `RMSNormFunction` saves the input in its own
   dtype and the fp32 rstd (one number per row), and recomputes the normalised row in backward. The forward is
   the same arithmetic in the same order as transformers' (fp32 outputs are identical); backward is the
-  closed form `rstd * (g - x̂ * mean(g * x̂))` with g = dL/dx̂ in fp32.
+  closed form `rstd * (g - x̂ * mean(g * x̂))` with g = dL/dx̂ in fp32. Its output also carries where it came
+  from (`norm_source`), so the fused LoRA projections that read it recompute it in backward instead of keeping
+  it (one (N, hidden) tensor per norm less).
 - SiLU-mul (`silu(gate) * up`): autograd keeps gate, silu(gate) and up (three (N, intermediate) tensors, the
   largest activations of a small model). `SiluMulFunction` saves gate and up and recomputes silu in backward:
   one third less MLP memory, same values.
@@ -27,6 +29,7 @@ RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "
 MLP_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 SILU = frozenset({"silu", "swish"})
 _PATCHED = "_medtune_fast_norm"
+_SOURCE = "_medtune_norm_source"  # on each RMSNorm output: (its version, input, weight, rstd)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -35,10 +38,11 @@ class RMSNormFunction(torch.autograd.Function):
         x32 = x.to(torch.float32)
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        ctx.mark_non_differentiable(rstd)
+        return renormalize(x, weight, rstd, x32), rstd
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, grad_y, _grad_rstd):
         x, weight, rstd = ctx.saved_tensors
         normed = x.to(torch.float32) * rstd
         grad_weight = None
@@ -50,6 +54,21 @@ class RMSNormFunction(torch.autograd.Function):
             dot = (g * normed).mean(-1, keepdim=True)
             grad_x = g.sub_(normed.mul_(dot)).mul_(rstd).to(x.dtype)
         return grad_x, grad_weight, None
+
+
+def renormalize(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, x32: torch.Tensor | None = None):
+    """RMSNorm's output from its input and rstd: the forward's own arithmetic, so a recomputation is bit-exact."""
+    return weight * ((x.to(torch.float32) if x32 is None else x32) * rstd).to(x.dtype)
+
+
+def norm_source(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(input, weight, rstd) when `y` is an unmodified output of the compact RMSNorm: a consumer that must keep y
+    for backward (the fused LoRA keeps its input) can keep these instead, which the norm keeps anyway, and
+    recompute y with `renormalize`: selective recomputation of the cheapest activation there is."""
+    source = getattr(y, _SOURCE, None)
+    if source is None or y.is_inference() or source[0] != y._version:
+        return None
+    return source[1:]
 
 
 class SiluMulFunction(torch.autograd.Function):
@@ -72,7 +91,10 @@ class SiluMulFunction(torch.autograd.Function):
 
 
 def rmsnorm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+    y, rstd = RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+    if torch.is_grad_enabled() and not y.is_inference():  # only a graph for backward has use for it
+        setattr(y, _SOURCE, (y._version, hidden_states, self.weight, rstd))  # dies with y; see norm_source
+    return y
 
 
 def mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,9 @@ read the same input, so a layer keeps three dropped copies of one tensor. Here e
   still sees dropout with probability p on every element, but the masks of projections that share an input are
   the same mask instead of independent ones (peft draws one per projection);
 - saves for backward only x (shared by q/k/v: stored once), the boolean mask and the (N, r) low-rank
-  activation `drop(x) A^T`; the dropped input is recomputed in backward (one elementwise multiply).
+  activation `drop(x) A^T`; the dropped input is recomputed in backward (one elementwise multiply). When x is
+  the output of `fast_norm`'s RMSNorm (q/k/v read the input norm's output), not even x: the norm's own input and
+  rstd, which the norm keeps anyway, and x is recomputed from them in backward (bit-exact).
 
 Gradients equal peft's (the same FLOPs in a different order: fp32 results agree to rounding). Under autocast
 everything is computed in the autocast dtype, as peft does with its input cast turned off; the adapters'
@@ -26,6 +28,8 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
+from medtune.train import fast_norm
 
 _ATTR = "_medtune_fused_lora"  # the shared mask cache, on each fused module
 
@@ -59,21 +63,22 @@ class SharedDropout:
 
 class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, keep, dropped, keep_scale: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, keep, dropped, keep_scale: float, source):
         # x (..., in) and weight (out, in), bias (out,) in the compute dtype, frozen; lora_a (r, in), lora_b (out, r)
         # trainable, already in the compute dtype; keep: bool mask like x, or None (no dropout); dropped: x * keep *
-        # keep_scale (or x).
+        # keep_scale (or x); source: fast_norm.norm_source(x) (x recomputed in backward from what the norm keeps)
         x2 = x.reshape(-1, x.shape[-1])
         low = dropped.reshape(-1, x.shape[-1]) @ lora_a.t()  # (N, r)
         y = F.linear(x2, weight, bias)
         y.addmm_(low, lora_b.t(), alpha=scaling)
-        ctx.save_for_backward(x, keep, low, weight, lora_a, lora_b)
-        ctx.scaling, ctx.keep_scale = scaling, keep_scale
+        ctx.save_for_backward(*(source if source is not None else (x,)), keep, low, weight, lora_a, lora_b)
+        ctx.scaling, ctx.keep_scale, ctx.recompute = scaling, keep_scale, source is not None
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, keep, low, weight, lora_a, lora_b = ctx.saved_tensors
+        *inputs, keep, low, weight, lora_a, lora_b = ctx.saved_tensors
+        x = fast_norm.renormalize(*inputs).to(low.dtype) if ctx.recompute else inputs[0]
         s = ctx.scaling
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(low.dtype)  # (N, out)
         x2 = x.reshape(-1, x.shape[-1])
@@ -87,7 +92,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             if keep is not None:
                 through_lora.mul_(keep.reshape(x2.shape)).mul_(ctx.keep_scale)
             grad_x = through_lora.addmm_(g, weight).view(x.shape).to(x.dtype)
-        return grad_x, None, None, grad_a, grad_b, None, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None, None
 
 
 def _dropout_p(module, adapter: str) -> float | None:
@@ -128,9 +133,11 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return type(self).forward(self, x, *args, **kwargs)
     keep, dropped = (None, x.to(dtype)) if p == 0 else getattr(self, _ATTR).get(x, p, dtype)
     bias = None if base.bias is None else base.bias.to(dtype)
+    source = fast_norm.norm_source(x) if x.dtype == dtype else None
     with torch.autocast(device, enabled=False):
         return _FusedLoraLinear.apply(x.to(dtype), base.weight.to(dtype), bias, lora_a.to(dtype), lora_b.to(dtype),
-                                      float(self.scaling[adapter]), keep, dropped, 1.0 / (1.0 - p) if p else 1.0)
+                                      float(self.scaling[adapter]), keep, dropped, 1.0 / (1.0 - p) if p else 1.0,
+                                      source)
 
 
 def shared_dropout(module) -> SharedDropout | None:
