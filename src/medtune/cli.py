@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.process_entry = argv is None  # the console script / python -m: a handler may re-execute the process
     _setup_logging(args.verbose)
     try:
         return args.func(args) or 0

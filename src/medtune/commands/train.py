@@ -13,6 +13,7 @@ from medtune.run.layout import CARD
 gate = lazy("medtune.eval.gate")
 job = lazy("medtune.train.job")
 distributed = lazy("medtune.train.distributed")
+allocator = lazy("medtune.train.allocator")
 
 
 def register(sub) -> None:
@@ -27,6 +28,8 @@ def register(sub) -> None:
 
 def cmd_train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
+    if getattr(args, "process_entry", False):  # never inside a caller's process (tests, notebooks)
+        allocator.allocator_for_training(recipe.train.device, recipe.train.release_memory)  # may re-execute once
     if args.nproc:
         distributed.launch(args.nproc, ["train", args.recipe, *args.overrides, *(["--force"] if args.force else [])])
     result = job.run_training(recipe, force=args.force)

@@ -122,7 +122,9 @@ def _fusable_adapter(module, args, kwargs) -> str | None:
 
 def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Replaces `forward` of a peft LoRA Linear (bound per module by `install`)."""
-    adapter = _fusable_adapter(self, args, kwargs)
+    # without autograd (eval, generate, reference log-probs) there is nothing to save: peft's own forward runs,
+    # also on inference tensors (torch.inference_mode), which have no version counter for the mask cache
+    adapter = _fusable_adapter(self, args, kwargs) if torch.is_grad_enabled() else None
     p = _dropout_p(self, adapter) if adapter is not None else None
     if p is None:
         return type(self).forward(self, x, *args, **kwargs)

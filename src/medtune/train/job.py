@@ -98,6 +98,7 @@ def after_training(trainer: Trainer) -> TrainResult:
     if state.skipped:
         metrics["skipped_batches"] = len(state.skipped)
     can_eval = trainer.can_eval
+    trainer.model.eval()  # training is over: no dropout in what follows (held-out figures, answers, tasks, gate)
     if can_eval:
         announce_after_train(recipe, data)
     if data.eval and can_eval:
