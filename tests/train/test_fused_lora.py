@@ -166,3 +166,26 @@ def test_input_recomputed_from_the_compact_norm_gives_the_same_gradients(tiny_mo
     silu_saving = c.num_hidden_layers * n * c.intermediate_size * 4  # fast_norm's MLP: silu(gate) not kept
     normed_x = n * c.hidden_size * 4  # per layer past the first (whose norm input needs no gradient, so is not kept)
     assert ref_bytes - nbytes >= silu_saving + (c.num_hidden_layers - 1) * normed_x - 1024
+
+
+def test_train_mode_forward_under_inference_mode_runs_peft(tiny_model_dir):
+    """Eval after training used to run with the model still in train mode under torch.inference_mode: the fused
+    path's mask cache read `_version` of an inference tensor and raised. Without autograd peft's forward runs."""
+    model = load_base_model(str(tiny_model_dir), dtype=torch.float32, device=CPU)
+    model = add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.1), fast=True)
+    randomize_lora(model)
+    b = batch(model.config.vocab_size)
+    model.train()
+    with torch.inference_mode():
+        fused = model(input_ids=b.input_ids).logits
+    fused_lora.uninstall(model)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        plain = model(input_ids=b.input_ids).logits
+    assert fused.shape == plain.shape and torch.isfinite(fused).all()
+    model.eval()
+    with torch.inference_mode():
+        ref = model(input_ids=b.input_ids).logits
+    fused_lora.install(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=b.input_ids).logits, ref, atol=0, rtol=0)
