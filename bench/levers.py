@@ -120,6 +120,8 @@ LEVERS: dict[str, tuple[Callable, Callable]] = {
 
 def cmd_ab(args) -> dict:
     model, batch, opt, autocast = build(args)
+    for n in filter(None, args.base.split("+")):  # on for both sides
+        LEVERS[n][0](model)
     names = args.lever.split("+")
     on = [LEVERS[n][0] for n in names]
     off = [LEVERS[n][1] for n in reversed(names)]
@@ -140,7 +142,7 @@ def cmd_ab(args) -> dict:
             print(side, f"wall {wall:.2f}s cpu {used:.2f}s", os.getloadavg()[0], file=sys.stderr, flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    return {"lever": args.lever, "threads": torch.get_num_threads(), "wall": times, "cpu": cpu, "median_wall": med,
+    return {"lever": args.lever, "base": args.base, "threads": torch.get_num_threads(), "wall": times, "cpu": cpu, "median_wall": med,
             "median_cpu": med_cpu, "ratio_wall_on_off": med["on"] / med["off"],
             "ratio_cpu_on_off": med_cpu["on"] / med_cpu["off"], "tokens": batch.num_tokens, "loadavg": os.getloadavg()}
 
@@ -239,6 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--bf16", action="store_true", help="bf16 base + autocast (medtune's path where bf16 is fast)")
+    p.add_argument("--base", default="", help="ab: levers on for both sides (LEVER+LEVER)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=4)

@@ -189,3 +189,19 @@ def test_train_mode_forward_under_inference_mode_runs_peft(tiny_model_dir):
     fused_lora.install(model)
     with torch.inference_mode():
         torch.testing.assert_close(model(input_ids=b.input_ids).logits, ref, atol=0, rtol=0)
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks(tiny_model_dir):
+    # Checkpointing re-runs each layer's forward in backward with the RNG state restored: the fused layers must draw
+    # the same shared masks again, so the gradients equal those of the run that kept its activations.
+    grads = {}
+    for ckpt in (False, True):
+        model = load_base_model(str(tiny_model_dir), dtype=torch.float32, device=CPU)
+        model = add_lora(model, LoraConfig(r=8, alpha=16, dropout=0.3), gradient_checkpointing=ckpt)
+        randomize_lora(model)
+        model.train()
+        torch.manual_seed(5)
+        grads[ckpt] = loss_and_grads(model, batch(model.config.vocab_size))
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-6)
+    for name, ref in grads[False][1].items():
+        torch.testing.assert_close(grads[True][1][name], ref, atol=1e-6, rtol=1e-5, msg=name)
