@@ -60,16 +60,16 @@ def run_training(recipe: Recipe, force: bool = False) -> TrainResult:
             with writing(run_dir, "the run directory"):
                 run.write_data_report(data.report.to_dict())
         trainer = Trainer(recipe, runtime, run_dir, model_dir, tok, chat)
-        train(trainer, data)
+        train(trainer, data, run)
         if not dist.is_main:
             return TrainResult(run_dir, {}, [], main=False)
-        return after_training(trainer)
+        return after_training(trainer, run)
     finally:
         if lock is not None:
             lock.release()
 
 
-def train(trainer: Trainer, data: PreparedData) -> None:
+def train(trainer: Trainer, data: PreparedData, run: Run) -> None:
     """The trainer's phases in order, the run files written (rank 0) once the base is measured."""
     trainer.setup_model()
     trainer.setup_data(data)
@@ -82,13 +82,13 @@ def train(trainer: Trainer, data: PreparedData) -> None:
         precision = ("bf16" if runtime.bf16 else "fp32") + \
             (f", 4-bit {recipe.quant.quant_type} base" if recipe.quant.load_in_4bit else "")
         with writing(trainer.run_dir, "the run directory"):
-            Run(trainer.run_dir).save_files(recipe, trainer.tok, trainer.chat, trainer.model_dir, runtime.device,
-                                            precision)
+            run.save_files(recipe, trainer.tok, trainer.chat, trainer.model_dir, runtime.device,
+                           precision)
     trainer.fit()
     trainer.save_final()
 
 
-def after_training(trainer: Trainer) -> TrainResult:
+def after_training(trainer: Trainer, run: Run) -> TrainResult:
     """Rank 0, after the adapter is saved: the tuned model's held-out figures, sample answers, metrics, the card,
     eval.after_train and the release gate."""
     recipe, state, data, run_dir = trainer.recipe, trainer.state, trainer.data, trainer.run_dir
@@ -109,7 +109,7 @@ def after_training(trainer: Trainer) -> TrainResult:
     samples = sample_answers(recipe, trainer.loaded(), data) if can_eval else []
     trainer.tracker.plots(metrics)
     trainer.tracker.close()
-    Run(run_dir).write_final(metrics, samples)
+    run.write_final(metrics, samples)
     write_card(run_dir)
     if recipe.eval.after_train and can_eval:
         after_train(recipe, run_dir, trainer.loaded(), held_out=data.eval, base_perplexity=trainer.base_perplexity)
