@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import sys
@@ -54,7 +55,10 @@ def build(args):
         ids = tok(t)["input_ids"][: args.length]
         samples.append(Sample(ids, ids, "bench", i))
     bins = pack_bins([len(s.input_ids) for s in samples], args.length)
-    bins.sort(key=lambda b: -sum(len(samples[i].input_ids) for i in b))  # the fullest rows: the heaviest step
+    if args.pick == "fullest":  # the heaviest step of the bench
+        bins.sort(key=lambda b: -sum(len(samples[i].input_ids) for i in b))
+    else:  # a typical step
+        random.Random(0).shuffle(bins)
     batch = pack_collate([[samples[i] for i in b] for b in bins[: args.batch]], tok.pad_token_id or 0)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4)
@@ -109,7 +113,16 @@ def compile_off(model) -> None:
         layer.__dict__.pop("forward", None)
 
 
+def per_document_on(model) -> None:
+    fast_attention.PER_DOCUMENT = True
+
+
+def per_document_off(model) -> None:
+    fast_attention.PER_DOCUMENT = False
+
+
 LEVERS: dict[str, tuple[Callable, Callable]] = {
+    "per_document": (per_document_on, per_document_off),
     "gqa": (gqa_on, gqa_off),
     "compile": (compile_on, compile_off),
     "fused_lora": (fused_lora.install, fused_lora.uninstall),
@@ -238,6 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None, help="default: ../shared/data/train/medical_terms.jsonl, else demo:terms")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=512)
+    p.add_argument("--pick", choices=("fullest", "random"), default="fullest", help="which packed rows form the batch")
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--bf16", action="store_true", help="bf16 base + autocast (medtune's path where bf16 is fast)")

@@ -60,3 +60,37 @@ def test_same_loss_and_gradients_as_sdpa(tiny_model_dir, packed):
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
     assert nbytes < ref_bytes  # k/v at the key/value heads, one mask for all layers
     assert fast_attention.uninstall(model) and model.config._attn_implementation == "sdpa"
+
+
+def block_causal(lengths: list[int]) -> torch.Tensor:
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    t = doc.numel()
+    return ((doc[:, None] == doc[None, :]) & torch.ones(t, t, dtype=torch.bool).tril())[None, None]
+
+
+def test_document_spans_of_packed_rows_and_nothing_else():
+    mask = torch.cat([block_causal([3, 2, 4]), block_causal([9])])
+    assert fast_attention.document_spans(mask) == [[(0, 3), (3, 5), (5, 9)], [(0, 9)]]
+    padded = block_causal([9]).clone()
+    padded[..., 7:] = False  # right padding: keys 7, 8 hidden from every query
+    assert fast_attention.document_spans(padded) is None
+    window = block_causal([9]) & torch.ones(9, 9, dtype=torch.bool).triu(-3)  # sliding window
+    assert fast_attention.document_spans(window) is None
+
+
+def test_per_document_attention_equals_masked_sdpa():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 9, 8).requires_grad_()
+    k = torch.randn(2, 2, 9, 8).requires_grad_()
+    v = torch.randn(2, 2, 9, 8).requires_grad_()
+    mask = torch.cat([block_causal([3, 2, 4]), block_causal([9])])
+    module = torch.nn.Module()
+    got, _ = fast_attention.sdpa_forward(module, q, k, v, mask, scaling=0.3)  # (B, T, H, D)
+    assert "PerDocument" in type(got.grad_fn.next_functions[0][0]).__name__  # the per-document kernel calls ran
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
+                                                           enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-5)
+    w = torch.randn(ref.shape)
+    for g, r in zip(torch.autograd.grad((got * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v)),
+                    strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
