@@ -4,8 +4,9 @@
                                 --bench-rc N] [--phase NAME=SECONDS ...] [--note TEXT]
 
 Reads pytest's JUnit report of `pytest -m gpu` (counts, failures, skip reasons, and the `memory_*` properties the
-memory test records) and the `medtune bench train --json` file, measures this GPU's bf16 matmul peak (the
-denominator of a GPU MFU: `medtune bench train` itself divides by the CPU's peak) and writes one JSON object.
+memory test records) and the `medtune bench train --json` file, measures this GPU's bf16 matmul peak once more (the
+denominator of `mfu_cuda_bf16_pct`; `medtune bench train` measures it too, before and after its workers) and writes
+one JSON object.
 """
 
 from __future__ import annotations
@@ -74,25 +75,15 @@ def bench_results(path: Path, cuda_peak_tflops: float | None) -> dict:
                                                "target_modules", "warmup_steps")}}
 
 
-def cuda_peak_tflops(n: int = 8192, repeats: int = 20) -> float | None:
-    """bf16 n x n x n matmuls on the current GPU, timed with CUDA events after a warm-up; None without CUDA."""
+def cuda_peak_tflops() -> float | None:
+    """This GPU's bf16 matmul peak (medtune.bench.peak); None without CUDA."""
     try:
         import torch
+
+        from medtune.bench.peak import cuda_matmul_tflops
     except ImportError:
         return None
-    if not torch.cuda.is_available():
-        return None
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        torch.mm(a, b)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    end.record()
-    torch.cuda.synchronize()
-    return 2.0 * n**3 * repeats / (start.elapsed_time(end) / 1000) / 1e12
+    return cuda_matmul_tflops(torch.bfloat16) if torch.cuda.is_available() else None
 
 
 def versions() -> dict:

@@ -197,20 +197,21 @@ def test_generate_applies_repetition_control(tiny_model_dir):
     assert len(set(plain)) < len(plain), "the untrained tiny model loops when nothing stops it"
 
 
-def test_base_perplexity_is_measured_once_and_reused(tiny_model_dir, tmp_path, monkeypatch):
+def test_held_out_perplexity_is_measured_once_per_model_and_reused(tiny_model_dir, tmp_path, monkeypatch):
     import medtune.eval.perplexity as ppl
-    from medtune.train import trainer
 
-    calls = []
-    real = ppl.perplexity
-    spy = lambda *a, **kw: calls.append(kw.get("use_adapter", True)) or real(*a, **kw)  # noqa: E731
-    for module in (ppl, trainer):  # the trainer measures the base; eval.after_train the tuned model
-        monkeypatch.setattr(module, "perplexity", spy)
+    passes = []
+    real = ppl.score
+    spy = lambda model, wins, *a, **kw: passes.append(len(wins)) or real(model, wins, *a, **kw)  # noqa: E731
+    monkeypatch.setattr(ppl, "score", spy)  # every held-out pass, eval.perplexity's or the objective's
     result = run_training(tiny_recipe(tiny_model_dir, tmp_path / "run", "train.max_steps=2",
-                                      "eval.after_train=[perplexity]"))
-    assert calls == [False, True]  # the base before training, the tuned model after; no second base pass
+                                      "eval.after_train=[perplexity]", "eval.gate=true"))
+    assert len(passes) == 2  # the base before training, the tuned model after; eval.after_train and the gate reuse them
     compared = json.loads((result.run_dir / "eval" / "perplexity.json").read_text())["perplexity"]
     assert compared["base"]["perplexity"] == result.metrics["base_eval_ppl"]
-    assert compared["tuned"]["perplexity"] == pytest.approx(result.metrics["eval_ppl"], rel=1e-4)
+    assert compared["tuned"]["perplexity"] == result.metrics["eval_ppl"]
     assert compared["delta"]["perplexity"]["n"] == 6
+    gate = json.loads((result.run_dir / "gate.json").read_text())
+    ppl_axis = next(a for a in gate["axes"] if a["axis"] == "perplexity.perplexity")
+    assert (ppl_axis["base"], ppl_axis["tuned"]) == (compared["base"]["perplexity"], compared["tuned"]["perplexity"])
     assert (result.run_dir / "plots" / "perplexity.png").is_file()

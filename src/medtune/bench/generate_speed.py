@@ -7,6 +7,9 @@ subprocess (`python -m medtune.bench.generate_speed --worker SYSTEM --config JSO
             loaded by default (fp32 on CPU), the prompt in the model's chat template.
   medtune   `medtune.generate.generate` on `load_for_inference` (bf16 where the CPU supports it), the run's or
             model's chat template and stop tokens.
+  gguf      the same `generate` on the model's GGUF export (`medtune export --format gguf`, f16 unless
+            --gguf-quant; or --gguf FILE): llama.cpp, medtune's shipping path (`medtune generate/chat/serve
+            FILE.gguf`). Not run by default: it needs medtune[gguf] and, without --gguf, an export (~30 s for 135M).
 
 For each prompt: time to first token (TTFT: from the call to the first new token reaching the streamer) and total
 time; tokens/s = new tokens / total time, decode tokens/s = (new tokens - 1) / (total - TTFT). The first prompt
@@ -20,7 +23,9 @@ import logging
 import shlex
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from medtune.bench.harness import machine_info, run_worker_process, system_rows, worker_main, write_json
 from medtune.errors import MedtuneError
@@ -28,7 +33,8 @@ from medtune.recipe import DEFAULT_MODEL
 
 log = logging.getLogger("medtune")
 
-SYSTEMS = ("pipeline", "medtune")
+SYSTEMS = ("pipeline", "medtune", "gguf")
+DEFAULT_SYSTEMS = ("pipeline", "medtune")
 PROMPTS = (
     "Please tell me about Bursitis.",
     "Explain in detail how type 2 diabetes is diagnosed and treated.",
@@ -86,6 +92,29 @@ def run_worker(system: str, cfg: dict) -> dict:
                                              do_sample=False, streamer=clock, return_full_text=False))
 
         dtype = str(next(model.parameters()).dtype)
+    elif system == "gguf":
+        from medtune.generate import generate, load_for_inference, user_turn
+
+        loaded = load_for_inference(cfg["gguf"])
+        clock: list = []  # the _TokenClock of the call in progress: llama.cpp's tokens reach it one by one
+        llama_tokens = loaded.model.tokens
+
+        def counted(*args, **kwargs):
+            for token in llama_tokens(*args, **kwargs):
+                if clock[-1].tokens < n:  # llama.cpp yields one token past the budget before the loop stops
+                    clock[-1].put(torch.tensor([token]))
+                yield token
+
+        loaded.model.tokens = counted
+
+        def answer(prompt: str) -> tuple[int, float, float]:
+            def call(c):
+                clock.append(c)
+                c.put(None)  # the prompt (transformers' streamers see it first)
+                generate(loaded, user_turn(prompt), max_new_tokens=n, repetition_penalty=1.0)
+            return _timed(call)
+
+        dtype = f"gguf {cfg.get('gguf_quant') or Path(cfg['gguf']).stem}"
     else:
         from medtune.generate import generate, load_for_inference, user_turn
 
@@ -114,8 +143,10 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def run_bench(*, model: str = DEFAULT_MODEL, max_new_tokens: int = 128, prompts: tuple[str, ...] = PROMPTS,
-              systems: tuple[str, ...] = SYSTEMS, json_path=None, command: str | None = None,
-              timeout: float | None = None) -> dict:
+              systems: tuple[str, ...] = DEFAULT_SYSTEMS, gguf: str | None = None, gguf_quant: str = "f16",
+              json_path=None, command: str | None = None, timeout: float | None = None) -> dict:
+    """`gguf`: the GGUF file the gguf system runs (default: `model` exported at `gguf_quant` into a temporary
+    folder)."""
     from medtune.models import resolve_model
     from medtune.run.meta import is_run_dir
 
@@ -123,23 +154,47 @@ def run_bench(*, model: str = DEFAULT_MODEL, max_new_tokens: int = 128, prompts:
         raise MedtuneError("must be at least 2", field="--max-new-tokens")
     if is_run_dir(model) and "pipeline" in systems:
         raise MedtuneError("the pipeline baseline needs a plain model; give a model name or folder", file=model)
+    if gguf and not Path(gguf).is_file():
+        raise MedtuneError("GGUF file not found", file=gguf, field="--gguf")
     model_dir = model if is_run_dir(model) else resolve_model(model)
     cfg = {"model_dir": model_dir, "prompts": list(prompts), "max_new_tokens": max_new_tokens}
     results: dict[str, dict] = {}
-    for system in systems:
-        log.info("bench generate: %s ...", system)
-        res = run_worker_process("medtune.bench.generate_speed", cfg, system=system, timeout=timeout)
-        if not res.get("error"):
-            res.update(summarize(res["runs"]))
-        results[system] = res
-    ok = {k: v for k, v in results.items() if not v.get("error")}
+    with tempfile.TemporaryDirectory(prefix="medtune-bench-gguf-") as tmp:
+        for system in systems:
+            if system == "gguf":
+                cfg.update(gguf=gguf or export_for_bench(model, Path(tmp), gguf_quant),
+                           gguf_quant=None if gguf else gguf_quant)
+            log.info("bench generate: %s ...", system)
+            res = run_worker_process("medtune.bench.generate_speed", cfg, system=system, timeout=timeout)
+            if not res.get("error"):
+                res.update(summarize(res["runs"]))
+            results[system] = res
     result = {"systems": results, "config": {**cfg, "model": model, "systems": list(systems)},
               "machine": machine_info(), "command": command or shlex.join(sys.argv)}
-    if "pipeline" in ok and "medtune" in ok:
-        result["speedup_tokens_per_s"] = ok["medtune"]["tokens_per_s"] / ok["pipeline"]["tokens_per_s"]
-        result["ttft_ratio"] = ok["medtune"]["ttft_ms_median"] / ok["pipeline"]["ttft_ms_median"]
+    result.update(ratios(results))
     write_json(json_path, result)
     return result
+
+
+def export_for_bench(model: str, folder: Path, quant: str) -> str:
+    """`model` (a name, folder or run) as a GGUF in `folder`, by `medtune export`'s code."""
+    from medtune.export.gguf import export_gguf
+
+    out = folder / f"model-{quant}.gguf"
+    log.info("bench generate: exporting %s to GGUF (%s) for the gguf system ...", model, quant)
+    export_gguf(model, out, quant)
+    return str(out)
+
+
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    """tokens/s and time-to-first-token ratios of medtune's systems to the pipeline's."""
+    ok = {k: v for k, v in results.items() if not v.get("error")}
+    out = {}
+    for system, prefix in (("medtune", ""), ("gguf", "gguf_")):
+        if "pipeline" in ok and system in ok:
+            out[f"{prefix}speedup_tokens_per_s"] = ok[system]["tokens_per_s"] / ok["pipeline"]["tokens_per_s"]
+            out[f"{prefix}ttft_ratio"] = ok[system]["ttft_ms_median"] / ok["pipeline"]["ttft_ms_median"]
+    return out
 
 
 def format_table(result: dict) -> str:
@@ -149,9 +204,10 @@ def format_table(result: dict) -> str:
              f"{c['max_new_tokens']} new tokens", "", *system_rows(result["systems"], head, 9, lambda name, s: (
                  f"{name:<9} {s['dtype']:<15} {s['new_tokens']:>10} {s['tokens_per_s']:9.1f} "
                  f"{s['decode_tokens_per_s']:12.1f} {s['ttft_ms_median']:8.0f} {s['peak_rss_mb']:11.0f}"))]
-    if "speedup_tokens_per_s" in result:
-        lines += ["", f"tokens/s: medtune/pipeline {result['speedup_tokens_per_s']:.2f}x; "
-                      f"time to first token: medtune/pipeline {result['ttft_ratio']:.2f}x"]
+    for system, prefix in (("medtune", ""), ("gguf", "gguf_")):
+        if f"{prefix}speedup_tokens_per_s" in result:
+            lines += ["", f"tokens/s: {system}/pipeline {result[f'{prefix}speedup_tokens_per_s']:.2f}x; "
+                      f"time to first token: {system}/pipeline {result[f'{prefix}ttft_ratio']:.2f}x"]
     return "\n".join(lines)
 
 

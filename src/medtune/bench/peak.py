@@ -3,7 +3,7 @@
 `python -m medtune.bench.peak` times `torch.mm` of two n×n matrices (default 2048, smaller where one product
 would not fit the time budget: see `fitting_size`) in bf16 and fp32 with torch's
 default thread count, after a warm-up, in a few short timed loops, and prints ONE JSON line with the best rate of
-each in TFLOP/s (one n×n×n product = 2·n³ FLOPs). `medtune bench train` runs it in its own process, before the
+each in TFLOP/s (one n×n×n product = 2·n³ FLOPs); where CUDA is visible, also the GPU's (8192³, CUDA events). `medtune bench train` runs it in its own process, before the
 training workers, so it shares no allocator or thread-pool state with them.
 
 The "peak" is what PyTorch's own GEMM (oneDNN/MKL) reaches on this box, not the vendor's data-sheet figure; it is
@@ -68,10 +68,32 @@ def matmul_tflops(dtype: torch.dtype, n: int = 2048, seconds: float = 1.0, repea
     return best, n
 
 
+def cuda_matmul_tflops(dtype: torch.dtype, n: int = 8192, repeats: int = 20) -> float:
+    """n x n x n products on the current GPU, timed with CUDA events after a warm-up (fp32 as torch runs it by
+    default: TF32 off)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    end.record()
+    torch.cuda.synchronize()
+    return 2.0 * n**3 * repeats / (start.elapsed_time(end) / 1000) / 1e12
+
+
 def measure(n: int = 2048, seconds: float = 1.0) -> dict:
+    """The CPU's peaks (bf16_tflops, fp32_tflops) and, where CUDA is visible, the GPU's (cuda_bf16_tflops,
+    cuda_fp32_tflops): medtune trains on the GPU there, and its MFU is against the GPU's peak."""
     result: dict = {"n": n, "threads": torch.get_num_threads()}
     for name, dtype in DTYPES.items():
         result[f"{name}_tflops"], result[f"{name}_n"] = matmul_tflops(dtype, n=n, seconds=seconds)
+    if torch.cuda.is_available():
+        result["cuda_device"] = torch.cuda.get_device_name()
+        for name, dtype in DTYPES.items():
+            result[f"cuda_{name}_tflops"] = cuda_matmul_tflops(dtype)
     return result
 
 

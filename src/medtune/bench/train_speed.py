@@ -8,7 +8,8 @@ those into tokens/s, loss and MFU, prints a table and, with `--json FILE`, write
 
   seed     the seed notebooks' recipe through TRL `SFTTrainer`: fp32, padded batches grouped by length,
            gradient checkpointing, LoRA r=64 alpha=16 dropout=0.1 on q/k/v/o, batch 4, max_length 512, lr 2e-4.
-  trl      TRL's fastest CPU setup we know: packing (best-fit decreasing) + padding-free batches, bf16 autocast,
+  trl      TRL's fastest CPU setup we know: packing (best-fit decreasing) + padding-free batches, bf16 autocast
+           where the CPU has fast bf16 (else fp32: bf16 would run on a reference kernel),
            no gradient checkpointing; same LoRA shape and batch settings.
   medtune  `medtune.train.job.run_training` with the same LoRA shape, batch, length and lr, otherwise medtune's
            defaults (precision auto, ...): whatever the owned loop does by default is what is measured, including
@@ -282,6 +283,8 @@ def _trl_worker(system: str, cfg: dict) -> dict:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from medtune.models import bf16_supported
+
     seed_recipe = system == "seed"
     work = Path(cfg["workdir"])
     tok = AutoTokenizer.from_pretrained(cfg["model_dir"])
@@ -303,9 +306,10 @@ def _trl_worker(system: str, cfg: dict) -> dict:
         setup = {"precision": "fp32", "batches": "padded", "sampling": next(iter(sampling.values()), "random"),
                  "gradient_checkpointing": True}
     else:
-        args = SFTConfig(**common, bf16=True, gradient_checkpointing=False, packing=True, packing_strategy="bfd",
+        fast_bf16 = bf16_supported(torch.device("cpu"))  # on a CPU without fast bf16, fp32 is TRL's fastest
+        args = SFTConfig(**common, bf16=fast_bf16, gradient_checkpointing=False, packing=True, packing_strategy="bfd",
                          padding_free=True)
-        setup = {"precision": "bf16 autocast (fp32 weights)", "batches": "packed bfd, padding-free",
+        setup = {"precision": "bf16 autocast (fp32 weights)" if fast_bf16 else "fp32", "batches": "packed bfd, padding-free",
                  "sampling": "random", "gradient_checkpointing": False}
     setup["attn_implementation"] = "sdpa (transformers default)"
 
@@ -357,7 +361,7 @@ def _trl_worker(system: str, cfg: dict) -> dict:
 def _medtune_worker(cfg: dict, quantized: bool = False) -> dict:
     import torch
 
-    from medtune.models import bf16_supported
+    from medtune.models import bf16_supported, pick_device
     from medtune.recipe import load_recipe
     from medtune.train.job import run_training
 
@@ -373,11 +377,11 @@ def _medtune_worker(cfg: dict, quantized: bool = False) -> dict:
     recipe = load_recipe(None, overrides)
     result = run_training(recipe)
     steps = medtune_steps(result.run_dir / METRICS)
-    precision = recipe.train.precision
+    precision, device = recipe.train.precision, pick_device(recipe.train.device)
     if precision == "auto":
-        precision = "auto → " + ("bf16" if bf16_supported(torch.device("cpu")) else "fp32")
+        precision = "auto → " + ("bf16" if bf16_supported(device) else "fp32")
     t = recipe.train
-    setup = {"precision": precision, "batches": "packed" if t.packing else "padded",
+    setup = {"precision": precision, "device": device.type, "batches": "packed" if t.packing else "padded",
              "sampling": "group_by_length" if t.group_by_length else "random",
              "gradient_checkpointing": t.gradient_checkpointing, "attn_implementation": recipe.attn_implementation,
              "optimizer": t.optimizer, "base": "4-bit NF4" if quantized else "bf16/fp32",
@@ -450,8 +454,9 @@ def _run_bench(cfg: BenchConfig, *, json_path: str | Path | None, command: str |
                  cfg.model, f"{base_params:,}", len(texts), data_spec, cfg.steps, cfg.batch_size, cfg.max_length)
         peak_cmd = [sys.executable, "-m", "medtune.bench.peak", "--seconds", str(cfg.peak_seconds)]
         peaks = [run_subprocess(peak_cmd, env=env, timeout=cfg.timeout, stream=stream)[0]]
-        log.info("bench: matmul peak bf16 %.3f TFLOP/s, fp32 %.3f TFLOP/s", peaks[0].get("bf16_tflops", float("nan")),
-                 peaks[0].get("fp32_tflops", float("nan")))
+        log.info("bench: matmul peak bf16 %.3f TFLOP/s, fp32 %.3f TFLOP/s%s", peaks[0].get("bf16_tflops", float("nan")),
+                 peaks[0].get("fp32_tflops", float("nan")),
+                 f"; GPU bf16 {peaks[0]['cuda_bf16_tflops']:.1f}" if peaks[0].get("cuda_bf16_tflops") else "")
         worker_cfg = {"model_dir": model_dir, "data_file": str(data_file), "steps": cfg.steps,
                       "max_length": cfg.max_length, "batch_size": cfg.batch_size, "lr": cfg.lr, "lora_r": cfg.lora_r,
                       "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout,
@@ -486,10 +491,13 @@ def _run_bench(cfg: BenchConfig, *, json_path: str | Path | None, command: str |
     return result
 
 
+PEAK_KEYS = ("bf16_tflops", "fp32_tflops", "cuda_bf16_tflops", "cuda_fp32_tflops")  # medtune.bench.peak's figures
+
+
 def best_peak(runs: list[dict]) -> dict:
     """Per dtype, the highest of several peak measurements (error only when every run failed)."""
     out: dict = {"runs": runs}
-    for key in ("bf16_tflops", "fp32_tflops"):
+    for key in PEAK_KEYS:
         values = [r[key] for r in runs if isinstance(r.get(key), int | float)]
         if values:
             out[key] = max(values)
@@ -506,8 +514,9 @@ def _ratio(a: dict | None, b: dict | None) -> float | None:
 
 def run_precision(setup: dict) -> str:
     """"bf16" or "fp32": the matmul precision a worker trained in, from its setup's `precision` ("fp32",
-    "bf16 autocast (fp32 weights)", "auto → fp32", ...)."""
-    return "bf16" if "bf16" in str(setup.get("precision", "")).split("→")[-1] else "fp32"
+    "bf16 autocast (fp32 weights)", "auto → fp32", ...); "cuda_bf16"/"cuda_fp32" when it trained on the GPU."""
+    precision = "bf16" if "bf16" in str(setup.get("precision", "")).split("→")[-1] else "fp32"
+    return f"cuda_{precision}" if setup.get("device") == "cuda" else precision
 
 
 def assemble(systems: dict[str, dict], peak: dict, *, cfg: BenchConfig, base_params: int, data_spec: str,
@@ -517,10 +526,11 @@ def assemble(systems: dict[str, dict], peak: dict, *, cfg: BenchConfig, base_par
     budget = min((s["tokens_total"] for s in ok), default=0)
     for s in ok:
         s["loss_equal_tokens"] = loss_at_tokens(s["steps"], budget)
-        s["mfu_bf16_pct"] = 100 * mfu(s["tokens_per_s"], fpt, peak.get("bf16_tflops"))
-        s["mfu_fp32_pct"] = 100 * mfu(s["tokens_per_s"], fpt, peak.get("fp32_tflops"))
+        for key in PEAK_KEYS:
+            if peak.get(key):
+                s[f"mfu_{key.removesuffix('_tflops')}_pct"] = 100 * mfu(s["tokens_per_s"], fpt, peak[key])
         s["mfu_precision"] = run_precision(s.get("setup", {}))
-        s["mfu_pct"] = s[f"mfu_{s['mfu_precision']}_pct"]
+        s["mfu_pct"] = s.get(f"mfu_{s['mfu_precision']}_pct", float("nan"))
     machine = machine_info()
     machine["loadavg_before"], machine["loadavg_after"] = [list(map(float, x)) for x in load]
     machine["peak_error"] = peak.get("error")
@@ -529,7 +539,7 @@ def assemble(systems: dict[str, dict], peak: dict, *, cfg: BenchConfig, base_par
             "speedup_vs_seed": _ratio(systems.get("medtune"), systems.get("seed")),
             "speedup_vs_trl": _ratio(systems.get("medtune"), systems.get("trl")),
             "qlora_vs_lora": _ratio(systems.get("qlora"), systems.get("medtune")),
-            "peak_bf16_tflops": peak.get("bf16_tflops"), "peak_fp32_tflops": peak.get("fp32_tflops"),
+            **{f"peak_{key}": peak.get(key) for key in PEAK_KEYS},
             "base_params": base_params, "flops_per_token": fpt, "equal_tokens_budget": budget,
             "config": {**asdict(cfg), "model_dir": model_dir, "data": data_spec, "warmup_steps": WARMUP_STEPS},
             "machine": machine, "command": command}
@@ -540,19 +550,21 @@ def format_table(result: dict) -> str:
     matmuls are fast, else fp32: medtune's `precision: auto`); both are in the JSON."""
     c, m = result["config"], result["machine"]
     head = (f"{'system':<8} {'tokens/s':>9} {'tok/step':>8} {'peak RSS MB':>11} {'loss':>7} {'loss@=tok':>9} "
-            f"{'MFU %':>11} {'wall s':>7}")
+            f"{'MFU %':<16} {'wall s':>7}")
     lines = [f"medtune bench train: {c['model']} | {c['steps']} steps x batch {c['batch_size']}, max_length "
              f"{c['max_length']} | data {c['data']}",
              f"matmul peak (best of before/after) bf16 {fmt(result['peak_bf16_tflops'], '.3f')} / fp32 {fmt(result['peak_fp32_tflops'], '.3f')} "
+             + (f"| GPU bf16 {fmt(result['peak_cuda_bf16_tflops'], '.1f')} / fp32 {fmt(result['peak_cuda_fp32_tflops'], '.1f')} "
+                if result.get("peak_cuda_bf16_tflops") else "") +
              f"TFLOP/s | {m['torch_threads']} threads | load avg {m['loadavg_before'][0]:.2f} -> "
              f"{m['loadavg_after'][0]:.2f} | tokens/s excludes the first {c['warmup_steps']} steps",
              "", *system_rows(result["systems"], head, 8, lambda name, s: (
                  f"{name:<8} {fmt(s['tokens_per_s'], '9.1f')} {fmt(s['tokens_per_step'], '8.0f')} "
                  f"{fmt(s['peak_rss_mb'], '11.0f')} {fmt(s['loss'], '7.4f')} "
-                 f"{fmt(s.get('loss_equal_tokens'), '9.4f')} {fmt(s.get('mfu_pct'), '6.2f')} {s.get('mfu_precision', '-'):<4} "
+                 f"{fmt(s.get('loss_equal_tokens'), '9.4f')} {fmt(s.get('mfu_pct'), '6.2f')} {s.get('mfu_precision', '-'):<9} "
                  f"{fmt(s['wall_s'], '7.0f')}")),
-             "MFU %: against the peak of the precision the run trained in (JSON: MFU bf16 % = mfu_bf16_pct, "
-             "MFU fp32 % = mfu_fp32_pct, for every run)"]
+             "MFU %: against the peak of the precision (and device: cuda_*) the run trained in (JSON: MFU bf16 % = "
+             "mfu_bf16_pct, MFU fp32 % = mfu_fp32_pct, for every run; mfu_cuda_bf16_pct, mfu_cuda_fp32_pct with a GPU)"]
     ratios = [f"medtune/{k} {fmt(result[f'speedup_vs_{k}'], '.2f')}x" for k in ("seed", "trl")
               if result.get(f"speedup_vs_{k}") is not None]
     if result.get("qlora_vs_lora") is not None:

@@ -61,14 +61,18 @@ def register_scale(sub) -> None:
 
 
 def register_generate(sub) -> None:
-    q = sub.add_parser("generate", help="answer tokens/s and time to first token: transformers pipeline vs medtune",
+    q = sub.add_parser("generate", help="answer tokens/s and time to first token: transformers pipeline vs medtune (and its GGUF export)",
                        description="Answer the same medical prompts greedily with the seed notebooks' "
                        "transformers pipeline and with medtune's generate, each in its own process, and print "
                        "tokens/s, decode tokens/s and time to first token side by side. See bench/README.md.")
     q.add_argument("--model", default="smollm2-135m-instruct", help="model name or folder (a run directory with "
                    "--systems medtune)")
     q.add_argument("--max-new-tokens", type=int, default=128, help="longest answer per prompt")
-    q.add_argument("--systems", default="pipeline,medtune", help="comma-separated subset of pipeline,medtune")
+    q.add_argument("--systems", default="pipeline,medtune", help="comma-separated subset of pipeline,medtune,gguf "
+                   "(gguf: llama.cpp on the model's GGUF export; needs medtune[gguf])")
+    q.add_argument("--gguf", metavar="FILE", default=None, help="the .gguf the gguf system runs (default: the model "
+                   "exported by `medtune export`, see --gguf-quant)")
+    q.add_argument("--gguf-quant", default="f16", help="quantisation of that export (as `medtune export --quant`)")
     q.add_argument("--json", metavar="FILE", default=None, help="also write every number to FILE as JSON")
     q.set_defaults(func=cmd_bench_generate)
 

@@ -29,10 +29,11 @@ from pydantic import ValidationError
 from medtune.data.benchmark_files import BENCHMARKS, read_benchmark
 from medtune.errors import MedtuneError
 from medtune.eval.forest import forest_plot
+from medtune.eval.perplexity import Perplexity
 from medtune.eval.probes import PROBE_TASKS
 from medtune.eval.report import write_json
 from medtune.eval.results import TaskResult
-from medtune.eval.suite import TASKS, EvalOptions, _statistics, check_task_data, run_eval
+from medtune.eval.suite import TASKS, EvalOptions, _statistics, check_task_data, held_out_cache, run_eval
 from medtune.generate import Loaded
 from medtune.recipe import GateConfig, Recipe
 from medtune.run.card import number, table, write_card
@@ -220,30 +221,29 @@ def gate_report(results: list[TaskResult], cfg: GateConfig, **context) -> dict:
 
 
 def run_gate(run_dir: str | Path, cfg: GateConfig, *, loaded: Loaded | None = None, caches: dict | None = None,
-             bases: dict | None = None, held_out: bool | None = None, **context) -> dict:
+             held_out: bool | None = None, **context) -> dict:
     """Check the config, run the suite on `run_dir` (loading it unless `loaded`), judge every axis, write
-    RUN/gate.json, plots/gate.png and the card. `caches`/`bases`: see eval.suite.run_task. `context` (command,
+    RUN/gate.json, plots/gate.png and the card. `caches`: see eval.suite.run_task. `context` (command,
     device, precision, batch_size, progress) goes to EvalOptions where it names one, and to gate.json. `held_out`:
     whether the run has held-out rows (default: read from its recipe)."""
     check_gate(cfg, held_out=has_held_out(run_dir) if held_out is None else held_out)
     names = {f.name for f in dataclasses.fields(EvalOptions)}
     opts = gate_options(run_dir, cfg, **{k: v for k, v in context.items() if k in names})
-    results = run_eval(opts, loaded, caches, bases)
+    results = run_eval(opts, loaded, caches)
     report = gate_report(results, cfg, model=str(run_dir), suite=opts.tasks, **context)
     write_gate(run_dir, report)
     return report
 
 
-def gate_after_train(recipe: Recipe, run_dir: Path, loaded: Loaded, held_out=None, base_perplexity=None) -> dict:
-    """eval.gate: the gate on the freshly trained model; the base's held-out perplexity measured before training
-    (on the `held_out` samples) replaces the base pass, as in eval.after_train."""
+def gate_after_train(recipe: Recipe, run_dir: Path, loaded: Loaded, held_out=None, base: Perplexity | None = None,
+                     tuned: Perplexity | None = None) -> dict:
+    """eval.gate: the gate on the freshly trained model; the held-out perplexity the training job measured on the
+    `held_out` samples (`base` before training, `tuned` after it) replaces the gate's own passes, as in
+    eval.after_train."""
     cfg = recipe.gate
-    caches, bases = {}, {}
-    if base_perplexity is not None and not cfg.limit and "perplexity" not in cfg.data:
-        caches["perplexity"] = {"samples": held_out}
-        bases["perplexity"] = (base_perplexity.metrics(), [list(d) for d in base_perplexity.docs], {})
-    return run_gate(run_dir, cfg, loaded=loaded, caches=caches, bases=bases, held_out=bool(held_out),
-                    command="eval.gate", progress=False)
+    caches = held_out_cache(held_out, base, tuned) if not cfg.limit and "perplexity" not in cfg.data else {}
+    return run_gate(run_dir, cfg, loaded=loaded, caches=caches, held_out=bool(held_out), command="eval.gate",
+                    progress=False)
 
 
 def write_gate(run_dir: str | Path, report: dict) -> None:

@@ -61,6 +61,14 @@ class Perplexity:
     def metrics(self) -> dict[str, float]:
         return {"perplexity": self.perplexity, "loss": self.loss, "tokens": self.tokens, "n": len(self.docs)}
 
+    def eval_figures(self) -> dict[str, float]:
+        """The training loop's names for the held-out figures."""
+        return {"eval_loss": self.loss, "eval_ppl": self.perplexity, "eval_tokens": self.tokens}
+
+    def scores(self) -> tuple[dict, list[list], dict]:
+        """What an eval.suite runner returns: (metrics, per-text rows, subtasks)."""
+        return self.metrics(), [list(d) for d in self.docs], {}
+
 
 def from_docs(docs: list[tuple[float, int]]) -> Perplexity:
     nll = sum(d[0] for d in docs)

@@ -21,7 +21,10 @@ from medtune.data.benchmark_files import BENCHMARKS, read_benchmark
 from medtune.errors import MedtuneError
 from medtune.eval.calibration import ece
 from medtune.eval.compare import mean_of, paired_bootstrap, perplexity_of
+from medtune.eval.harness import make_lm, run_benchmark
+from medtune.eval.inputs import eval_recipe, read_dialogues, read_samples
 from medtune.eval.judge import JudgeClassifier, chat_endpoint, make_judge
+from medtune.eval.perplexity import Perplexity, perplexity
 from medtune.eval.probes import NOT_OFFERED, PROBE_TASKS, probe_data, read_probe, run_probe
 from medtune.eval.probes import statistics as probe_statistics
 from medtune.eval.report import write_run_results
@@ -115,8 +118,6 @@ def _check_judge(opts: EvalOptions) -> None:
 
 def _benchmark(task: str):
     def run(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
-        from medtune.eval.harness import make_lm, run_benchmark
-
         if "lm" not in cache:  # one lm-eval wrapper for the tuned and the base pass
             cache["lm"] = make_lm(loaded, opts.batch_size)
         r = run_benchmark(loaded, task, opts.data[task], fewshot=opts.fewshot, fewshot_data=opts.fewshot_data.get(task),
@@ -128,8 +129,6 @@ def _benchmark(task: str):
 
 def _probe(task: str):
     def run(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
-        from medtune.eval.harness import make_lm
-
         if "lm" not in cache:
             cache["lm"] = make_lm(loaded, opts.batch_size)
         r = run_probe(loaded, task, probe_data(task, opts.data), limit=opts.limit, use_adapter=use_adapter,
@@ -139,9 +138,6 @@ def _probe(task: str):
 
 
 def _perplexity(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
-    from medtune.eval.inputs import eval_recipe, read_samples
-    from medtune.eval.perplexity import perplexity
-
     if "samples" not in cache:
         data = opts.data.get("perplexity")
         recipe = eval_recipe(opts.model, data, opts.recipe, opts.overrides)
@@ -149,12 +145,10 @@ def _perplexity(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dic
         cache["samples"] = samples[: opts.limit] if opts.limit else samples
     p = perplexity(loaded, cache["samples"], window=opts.window, stride=opts.stride, batch_size=max(1, opts.batch_size // 2),
                    all_tokens=opts.all_tokens, use_adapter=use_adapter, progress=opts.progress)
-    return p.metrics(), [list(d) for d in p.docs], {}
+    return p.scores()
 
 
 def _rouge(loaded: Loaded, opts: EvalOptions, use_adapter: bool, cache: dict):
-    from medtune.eval.inputs import eval_recipe, read_dialogues
-
     if "dialogues" not in cache:
         cache["dialogues"] = read_dialogues(eval_recipe(opts.model, opts.data.get("rouge"), opts.recipe,
                                                         opts.overrides), opts.limit)
@@ -213,19 +207,14 @@ def _statistics(task: str) -> dict[str, tuple]:
             "ece": (lambda rows: ece(rows[:, 2], rows[:, 0]), False), "brier": (mean_of(3), False)}
 
 
-def run_task(loaded: Loaded, task: str, opts: EvalOptions, cache: dict | None = None,
-             base: tuple | None = None) -> TaskResult:
+def run_task(loaded: Loaded, task: str, opts: EvalOptions, cache: dict | None = None) -> TaskResult:
     """One task on the loaded model (and, with compare_base, on its base: adapter off, same items). `cache` may
-    already hold the task's items (perplexity: "samples"); `base` is the base's (metrics, rows, subtasks) on those
-    items, measured earlier, and replaces the base pass."""
+    already hold the task's items (perplexity: "samples") and scores measured earlier ("scores", see scores_of)."""
     cache = {} if cache is None else cache
-    log.info("eval %s (%s)...", task, "tuned" if loaded.has_adapter else "model")
-    metrics, rows, subtasks = RUNNERS[task](loaded, opts, True, cache)
+    metrics, rows, subtasks = scores_of(loaded, task, opts, True, cache)
     if not opts.compare_base:
         return TaskResult(task, metrics, subtasks=subtasks)
-    if base is None:
-        log.info("eval %s (base)...", task)
-    base, base_rows, base_subtasks = base if base is not None else RUNNERS[task](loaded, opts, False, cache)
+    base, base_rows, base_subtasks = scores_of(loaded, task, opts, False, cache)
     delta = {metric: paired_bootstrap(np.asarray(base_rows), np.asarray(rows), stat, iters=opts.bootstrap,
                                       higher_is_better=higher)
              for metric, (stat, higher) in _statistics(task).items() if metric in metrics}
@@ -236,14 +225,32 @@ def run_task(loaded: Loaded, task: str, opts: EvalOptions, cache: dict | None = 
     return TaskResult(task, metrics, base, delta, subtasks)
 
 
-def run_eval(opts: EvalOptions, loaded: Loaded | None = None, caches: dict[str, dict] | None = None,
-             bases: dict[str, tuple] | None = None) -> list[TaskResult]:
-    """Every task of opts on one loaded model (loaded here unless given); `caches`/`bases` by task, see run_task."""
+def scores_of(loaded: Loaded, task: str, opts: EvalOptions, use_adapter: bool, cache: dict) -> tuple:
+    """The task's (metrics, per-item rows, subtasks) with the adapter on or off: cache["scores"][use_adapter] when
+    it was measured earlier on the cache's items, else measured now and kept there."""
+    known = cache.setdefault("scores", {})
+    if use_adapter not in known:
+        log.info("eval %s (%s)...", task, ("tuned" if loaded.has_adapter else "model") if use_adapter else "base")
+        known[use_adapter] = RUNNERS[task](loaded, opts, use_adapter, cache)
+    return known[use_adapter]
+
+
+def held_out_cache(held_out, base: Perplexity | None, tuned: Perplexity | None) -> dict[str, dict]:
+    """`caches` for run_eval with what the training job measured on its held-out texts (eval.perplexity, adapter
+    off before training and on after it), so that the perplexity task does not score them again."""
+    if not held_out:
+        return {}
+    scores = {use_adapter: p.scores() for use_adapter, p in ((False, base), (True, tuned)) if p is not None}
+    return {"perplexity": {"samples": held_out, "scores": scores}}
+
+
+def run_eval(opts: EvalOptions, loaded: Loaded | None = None, caches: dict[str, dict] | None = None) -> list[TaskResult]:
+    """Every task of opts on one loaded model (loaded here unless given); `caches` by task, see run_task."""
     check_options(opts)
     if loaded is None:
         loaded = load_for_inference(opts.model, device=opts.device, precision=opts.precision)
-    caches, bases = caches or {}, bases or {}
-    return [run_task(loaded, task, opts, caches.get(task), bases.get(task)) for task in opts.tasks]
+    caches = caches or {}
+    return [run_task(loaded, task, opts, caches.get(task)) for task in opts.tasks]
 
 
 def parse_paths(values: list[str] | None, tasks: list[str], flag: str) -> dict[str, str]:
@@ -265,20 +272,18 @@ def parse_tasks(values: list[str]) -> list[str]:
     return list(dict.fromkeys(t.strip() for v in values for t in v.split(",") if t.strip()))
 
 
-def after_train(recipe, run_dir, loaded: Loaded, held_out=None, base_perplexity=None) -> list[TaskResult]:
+def after_train(recipe, run_dir, loaded: Loaded, held_out=None, base: Perplexity | None = None,
+                tuned: Perplexity | None = None) -> list[TaskResult]:
     """The recipe's `eval.after_train` tasks on the freshly trained model, written to RUN/eval and the card.
-    `base_perplexity`: the base model's Perplexity on the `held_out` samples, measured before training; the
-    perplexity task then scores those samples and reuses it instead of a second base pass."""
+    `base`/`tuned`: Perplexity on the `held_out` samples measured by the training job (before and after training);
+    the perplexity task scores those samples and reuses them instead of scoring them again."""
     cfg = recipe.eval
-    caches, bases = {}, {}
-    if base_perplexity is not None and cfg.compare_base and not cfg.limit:
-        caches["perplexity"] = {"samples": held_out}
-        bases["perplexity"] = (base_perplexity.metrics(), [list(d) for d in base_perplexity.docs], {})
+    caches = held_out_cache(held_out, base, tuned) if not cfg.limit else {}
     data = {t: getattr(cfg, t) for t in cfg.after_train if t != "perplexity" and getattr(cfg, t)}
     opts = EvalOptions(model=str(run_dir), tasks=list(cfg.after_train), data=data, fewshot=cfg.fewshot,
                        fewshot_data=dict(cfg.fewshot_data), limit=cfg.limit, batch_size=16,
                        compare_base=cfg.compare_base)
-    results = run_eval(opts, loaded, caches, bases)
+    results = run_eval(opts, loaded, caches)
     write_run_results(run_dir, results, model=str(run_dir), command="eval.after_train", fewshot=cfg.fewshot, data=data,
                       limit=cfg.limit)
     return results

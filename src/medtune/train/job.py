@@ -103,7 +103,7 @@ def after_training(trainer: Trainer, run: Run) -> TrainResult:
         announce_after_train(recipe, data)
     if data.eval and can_eval:
         log.info("held-out eval (tuned): %d rows...", len(data.eval))
-        final = trainer.evaluate()
+        final = trainer.evaluate_tuned()
         trainer.tracker.log(final, step=state.step)
         metrics.update(final)
     samples = sample_answers(recipe, trainer.loaded(), data) if can_eval else []
@@ -111,12 +111,12 @@ def after_training(trainer: Trainer, run: Run) -> TrainResult:
     trainer.tracker.close()
     run.write_final(metrics, samples)
     write_card(run_dir)
+    measured = dict(held_out=data.eval, base=trainer.base_perplexity, tuned=trainer.tuned_perplexity)
     if recipe.eval.after_train and can_eval:
-        after_train(recipe, run_dir, trainer.loaded(), held_out=data.eval, base_perplexity=trainer.base_perplexity)
+        after_train(recipe, run_dir, trainer.loaded(), **measured)
     gate = None
     if recipe.eval.gate and can_eval:
-        gate = gate_after_train(recipe, run_dir, trainer.loaded(), held_out=data.eval,
-                                base_perplexity=trainer.base_perplexity)
+        gate = gate_after_train(recipe, run_dir, trainer.loaded(), **measured)
     return TrainResult(run_dir, metrics, samples, gate=gate)
 
 

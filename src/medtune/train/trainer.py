@@ -117,7 +117,9 @@ class Trainer:
         self.state = TrainState(step=0, base_eval={})
         self.tracker: RunDir | NoTracker = NoTracker()
         self.engine = None  # the LossModule as the engine wrapped it (fit)
-        self.base_perplexity: Perplexity | None = None  # per text: eval.after_train reuses it, never recomputes
+        # per text, base before training and tuned after it: eval.after_train and the gate reuse them, never recompute
+        self.base_perplexity: Perplexity | None = None
+        self.tuned_perplexity: Perplexity | None = None
         self.last_logged: dict[str, float] = {}
         self.tokens_seen, self.train_seconds = 0, 0.0
 
@@ -192,11 +194,9 @@ class Trainer:
         eval.perplexity with the adapter off (kept per text for eval.after_train), others by `evaluate`."""
         if not (self.cfg.eval_before and self.data.eval and not self.state.base_eval and self.can_eval):
             return
-        if self.objective.perplexity:  # one window per text (texts are at most max_length): evaluate's figures
-            p = perplexity(self.loaded(), self.data.eval, batch_size=self.cfg.batch_size, use_adapter=False,
-                           progress=False)
-            self.base_perplexity = p
-            base = {"eval_loss": p.loss, "eval_ppl": p.perplexity, "eval_tokens": p.tokens}
+        if self.objective.perplexity:
+            self.base_perplexity = self.held_out_perplexity(use_adapter=False)
+            base = self.base_perplexity.eval_figures()
         else:
             base = self.evaluate()
         self.state.base_eval = {f"base_{k}": v for k, v in base.items()}
@@ -246,6 +246,20 @@ class Trainer:
         return self.objective.evaluate(self.model, self.data.eval, pad_id=self.chat.pad_token_id,
                                        batch_size=self.cfg.batch_size, autocast=self.autocast,
                                        device=self.runtime.device)
+
+    def evaluate_tuned(self) -> dict[str, float]:
+        """The held-out figures after training; sft through eval.perplexity, kept per text (tuned_perplexity) so
+        that eval.after_train and the gate do not score the held-out texts again."""
+        if not self.objective.perplexity:
+            return self.evaluate()
+        self.tuned_perplexity = self.held_out_perplexity(use_adapter=True)
+        return self.tuned_perplexity.eval_figures()
+
+    def held_out_perplexity(self, use_adapter: bool) -> Perplexity:
+        """eval.perplexity on the held-out texts, one window per text (texts are at most max_length): the same
+        figures as the objective's `evaluate`, plus the per-text rows paired comparisons need."""
+        return perplexity(self.loaded(), self.data.eval, batch_size=self.cfg.batch_size, use_adapter=use_adapter,
+                          progress=False)
 
     def save_checkpoint(self) -> Path | None:
         """checkpoints/step-N (rank 0; under FSDP / ZeRO-3 every rank gathers the adapter first)."""

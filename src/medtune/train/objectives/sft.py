@@ -68,5 +68,4 @@ class SFT:
     def evaluate(self, model, rows: list[Sample], *, pad_id: int, batch_size: int, autocast,
                  device=None) -> dict[str, float]:
         """Held-out loss and perplexity, token-weighted over the tokens that carry loss (eval/perplexity.py's)."""
-        p = held_out(model, rows, pad_id=pad_id, batch_size=batch_size, autocast=autocast)
-        return {"eval_loss": p.loss, "eval_ppl": p.perplexity, "eval_tokens": p.tokens}
+        return held_out(model, rows, pad_id=pad_id, batch_size=batch_size, autocast=autocast).eval_figures()
