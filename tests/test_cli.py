@@ -206,7 +206,7 @@ def test_data_check_reports_without_writing(tiny_model_dir, tmp_path, capsys, mo
 # ---- generate / compare / chat on a trained run ---------------------------------------------------------------
 
 def expected_answer(model: str | Path, messages: list[dict], max_new_tokens: int, **kw) -> str:
-    return generate(load_for_inference(str(model)), messages, max_new_tokens=max_new_tokens, **kw)
+    return generate(load_for_inference(str(model), for_decoding=True), messages, max_new_tokens=max_new_tokens, **kw)
 
 
 def test_generate_from_run(run_dir, capsys):

@@ -157,7 +157,7 @@ SHIPPING = {
                    "base_model": "b/m"})),
     "generate": (generate.gen, "load_for_inference", ["generate", "m", "--prompt", "p", "--template", "llama2",
                                                       "--device", "cpu"],
-                 (("m",), {"device": "cpu", "template": "llama2"})),
+                 (("m",), {"device": "cpu", "precision": "auto", "template": "llama2", "for_decoding": True})),
 }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from medtune.decode_weights import add_decode_copies, decode_copies_pay_off
 from medtune.errors import MedtuneError
 from medtune.gguf_model import GgufModel, load_gguf
 from medtune.models import bf16_supported, load_base_model, load_tokenizer, pick_device, resolve_model
@@ -45,29 +46,36 @@ class Loaded:
 
 
 def load_for_inference(model_or_run: str, *, device: str = "auto", precision: str = "auto",
-                       template: str = "auto", max_length: int = 2048) -> Loaded:
+                       template: str = "auto", max_length: int = 2048, for_decoding: bool = False) -> Loaded:
     """A .gguf file (llama.cpp, its own chat template), a run directory (its base + adapter, tokenizer, stops and
-    max_length: `Run.load`) or a model name/folder (`template` decides its chat template)."""
+    max_length: `Run.load`) or a model name/folder (`template` decides its chat template). `for_decoding`
+    (generate, chat, ui, serve): with precision auto on a CPU without fast bf16, one-token steps multiply by bf16
+    copies of the weights (medtune.decode_weights); scoring (eval) keeps plain fp32."""
     if str(model_or_run).endswith(".gguf"):
         return load_gguf(model_or_run)
     dev = pick_device(device)
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(dev))
+    fast_bf16 = bf16_supported(dev)
+    use_bf16 = precision == "bf16" or (precision == "auto" and fast_bf16)
     dtype = torch.bfloat16 if use_bf16 else torch.float32
     autocast = torch.bfloat16 if use_bf16 else None
     run = Run(model_or_run)
     if run.is_run:
         model, tok = run.load(dtype=dtype, device=dev)
         meta = run.meta
-        return Loaded(model, tok, meta.stop_token_ids, meta.pad_token_id, str(model_or_run), True, meta.max_length,
-                      autocast)
-    path = resolve_model(model_or_run)
-    tok = load_tokenizer(path)
-    chat = prepare_tokenizer(tok, TokenizerConfig(template=template))
-    model = load_base_model(path, dtype=dtype, device=dev)
-    if chat.added_tokens:
-        model.resize_token_embeddings(len(tok))
-    model.eval()
-    return Loaded(model, tok, chat.stop_token_ids, chat.pad_token_id, model_or_run, False, max_length, autocast)
+        loaded = Loaded(model, tok, meta.stop_token_ids, meta.pad_token_id, str(model_or_run), True,
+                        meta.max_length, autocast)
+    else:
+        path = resolve_model(model_or_run)
+        tok = load_tokenizer(path)
+        chat = prepare_tokenizer(tok, TokenizerConfig(template=template))
+        model = load_base_model(path, dtype=dtype, device=dev)
+        if chat.added_tokens:
+            model.resize_token_embeddings(len(tok))
+        model.eval()
+        loaded = Loaded(model, tok, chat.stop_token_ids, chat.pad_token_id, model_or_run, False, max_length, autocast)
+    if for_decoding and precision == "auto" and decode_copies_pay_off(dev, fast_bf16):
+        add_decode_copies(loaded.model)
+    return loaded
 
 
 def prompt_ids(tok, messages: list[dict[str, str]], max_length: int) -> torch.Tensor:

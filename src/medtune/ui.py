@@ -114,7 +114,7 @@ def launch_options(host: str, port: int, share: bool) -> dict:
 
 def launch_ui(model_or_run: str, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
               device: str = "auto", template: str = "auto", system: str | None = None) -> None:
-    loaded = load_for_inference(model_or_run, device=device, template=template)
+    loaded = load_for_inference(model_or_run, device=device, template=template, for_decoding=True)
     run = Run(model_or_run)
     if system is None and run.is_run:
         system = run.system_prompt

@@ -5,7 +5,8 @@ subprocess (`python -m medtune.bench.generate_speed --worker SYSTEM --config JSO
 
   pipeline  what seed 001 does after training: `transformers.pipeline("text-generation")` on the model as
             loaded by default (fp32 on CPU), the prompt in the model's chat template.
-  medtune   `medtune.generate.generate` on `load_for_inference` (bf16 where the CPU supports it), the run's or
+  medtune   `medtune.generate.generate` on `load_for_inference` as `medtune generate` loads it (bf16 where the CPU
+            has fast bf16; else fp32 with bf16 copies for one-token steps: medtune.decode_weights), the run's or
             model's chat template and stop tokens.
   gguf      the same `generate` on the model's GGUF export (`medtune export --format gguf`, f16 unless
             --gguf-quant; or --gguf FILE): llama.cpp, medtune's shipping path (`medtune generate/chat/serve
@@ -116,15 +117,18 @@ def run_worker(system: str, cfg: dict) -> dict:
 
         dtype = f"gguf {cfg.get('gguf_quant') or Path(cfg['gguf']).stem}"
     else:
+        from medtune.decode_weights import DecodeLinear
         from medtune.generate import generate, load_for_inference, user_turn
 
-        loaded = load_for_inference(cfg["model_dir"])
+        loaded = load_for_inference(cfg["model_dir"], for_decoding=True)  # as `medtune generate` loads it
 
         def answer(prompt: str) -> tuple[int, float, float]:
             return _timed(lambda clock: generate(loaded, user_turn(prompt), max_new_tokens=n, streamer=clock,
                                                          repetition_penalty=1.0, no_repeat_ngram_size=0))
 
         dtype = str(loaded.autocast or next(loaded.model.parameters()).dtype)
+        if any(isinstance(m, DecodeLinear) for m in loaded.model.modules()):
+            dtype += " (bf16 steps)"  # one-token steps multiply by bf16 copies (medtune.decode_weights)
     answer(prompts[0])  # warm-up
     runs = []
     for prompt in prompts:
@@ -199,10 +203,10 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
 
 def format_table(result: dict) -> str:
     c = result["config"]
-    head = f"{'system':<9} {'dtype':<15} {'new tokens':>10} {'tokens/s':>9} {'decode tok/s':>12} {'TTFT ms':>8} {'peak RSS MB':>11}"
+    head = f"{'system':<9} {'dtype':<28} {'new tokens':>10} {'tokens/s':>9} {'decode tok/s':>12} {'TTFT ms':>8} {'peak RSS MB':>11}"
     lines = [f"medtune bench generate: {c['model']} | {len(c['prompts'])} prompts, greedy, up to "
              f"{c['max_new_tokens']} new tokens", "", *system_rows(result["systems"], head, 9, lambda name, s: (
-                 f"{name:<9} {s['dtype']:<15} {s['new_tokens']:>10} {s['tokens_per_s']:9.1f} "
+                 f"{name:<9} {s['dtype']:<28} {s['new_tokens']:>10} {s['tokens_per_s']:9.1f} "
                  f"{s['decode_tokens_per_s']:12.1f} {s['ttft_ms_median']:8.0f} {s['peak_rss_mb']:11.0f}"))]
     for system, prefix in (("medtune", ""), ("gguf", "gguf_")):
         if f"{prefix}speedup_tokens_per_s" in result:

@@ -235,7 +235,7 @@ class Engine:
              precision: str = "auto", max_queue: int = 16, max_tokens: int = 512, max_batch: int = 4) -> Engine:
         """The base of `model_or_run` (a model, or a run whose adapter is served under the run folder's name)
         plus `adapters` {name: run dir}, every one trained on that same base. (A .gguf file: serve/load.py.)"""
-        loaded = load_for_inference(model_or_run, device=device, precision=precision)
+        loaded = load_for_inference(model_or_run, device=device, precision=precision, for_decoding=True)
         if loaded.has_adapter:
             meta = Run(model_or_run).meta
             base_name, base_path = meta.base_model, meta.base_model_path
