@@ -49,7 +49,7 @@ def load_for_inference(model_or_run: str, *, device: str = "auto", precision: st
                        template: str = "auto", max_length: int = 2048, for_decoding: bool = False) -> Loaded:
     """A .gguf file (llama.cpp, its own chat template), a run directory (its base + adapter, tokenizer, stops and
     max_length: `Run.load`) or a model name/folder (`template` decides its chat template). `for_decoding`
-    (generate, chat, ui, serve): with precision auto on a CPU without fast bf16, one-token steps multiply by bf16
+    (generate, chat, compare, ui): with precision auto on a CPU without fast bf16, one-token steps multiply by bf16
     copies of the weights (medtune.decode_weights); scoring (eval) keeps plain fp32."""
     if str(model_or_run).endswith(".gguf"):
         return load_gguf(model_or_run)

@@ -235,7 +235,9 @@ class Engine:
              precision: str = "auto", max_queue: int = 16, max_tokens: int = 512, max_batch: int = 4) -> Engine:
         """The base of `model_or_run` (a model, or a run whose adapter is served under the run folder's name)
         plus `adapters` {name: run dir}, every one trained on that same base. (A .gguf file: serve/load.py.)"""
-        loaded = load_for_inference(model_or_run, device=device, precision=precision, for_decoding=True)
+        # not for_decoding: with requests batched, one request's steps would switch between bf16 copies (1-2 rows)
+        # and fp32 (more) with the traffic, and its answer with them
+        loaded = load_for_inference(model_or_run, device=device, precision=precision)
         if loaded.has_adapter:
             meta = Run(model_or_run).meta
             base_name, base_path = meta.base_model, meta.base_model_path
