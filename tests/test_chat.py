@@ -167,11 +167,23 @@ def endless_model(tiny_tokenizer_dir, tmp_path_factory) -> Path:
     return out
 
 
+def signal_masks(pid: int) -> str:
+    """A process's blocked/ignored/caught signal masks (why a SIGINT may not reach Python's handler)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "gone"
+    return " ".join(line.replace("\t", "") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_sigint_during_an_answer_returns_to_the_prompt(endless_model):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "medtune.cli", "chat", str(endless_model), "--device", "cpu",
                              "--max-new-tokens", "8000", "--repetition-penalty", "1", "--no-repeat-ngram-size", "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            # as from a terminal: a suite started in the background (`cmd &` without job control)
+                            # ignores SIGINT, and an ignored SIGINT is inherited (Python then never raises Ctrl-C)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = bytearray()
     reader = threading.Thread(target=lambda: [seen.extend(c) for c in iter(lambda: proc.stdout.read(1), b"")],
                               daemon=True)
@@ -185,7 +197,11 @@ def test_sigint_during_an_answer_returns_to_the_prompt(endless_model):
                 return at
             assert proc.poll() is None, (seen.decode(errors="replace"), proc.stderr.read().decode())
             time.sleep(0.05)
-        pytest.fail(f"{marker!r} not printed within {timeout} s: {seen.decode(errors='replace')[-500:]}")
+        masks = signal_masks(proc.pid)
+        proc.kill()
+        pytest.fail(f"{marker!r} not printed within {timeout} s: {seen.decode(errors='replace')[-200:]!r}; "
+                    f"SIGINT here: {signal.getsignal(signal.SIGINT)}; child: {masks}; child's stderr: "
+                    f"{proc.stderr.read().decode(errors='replace')[-3000:]}")
 
     try:
         wait_for(b"you> ", 0, 120)
